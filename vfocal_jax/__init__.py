@@ -1,0 +1,1 @@
+"""vfocal_jax: Video-FocalNets (ICCV 2023) in JAX/Flax."""
