@@ -1,0 +1,1 @@
+"""Dataset tooling: the shard writer, the demo dataset, tfds builders."""

@@ -1,0 +1,299 @@
+r"""Turns a folder of videos + a CSV (`path,label` per line) into TFRecord shards.
+
+    python -m data.make_shards --csv train.csv --video_root videos/ \
+        --output_dir shards/train --num_shards 64 [--short_side 256] \
+        [--max_fps 30] [--jpeg_quality 90] [--workers 8] [--label_map shards/train/labels.txt]
+
+Each video is decoded with PyAV (FFmpeg), resized so its short side has
+`--short_side` pixels, JPEG-encoded frame by frame and written as one
+`tf.train.SequenceExample` (format: `vfocal_jax/input_pipeline/shard_format.py`).
+
+* Labels: integers are used as they are; names are mapped to indices in
+  sorted order and the map is written as `labels.txt` beside the shards. Pass
+  that file with `--label_map` when writing another split so both agree.
+* A video that cannot be read (or has an unknown label) is listed with the
+  reason in `failed_videos.txt`; the run goes on and says how many failed.
+* Re-running resumes: a shard is written to a temporary name and renamed when
+  complete, so finished shards are kept and only missing ones are written.
+* `dataset_info.json` records the per-shard counts (the eval pipeline uses
+  them to pad every host to the same number of batches) and the class names.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import multiprocessing
+import os
+import random
+import sys
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+# Runs as `python -m data.make_shards` from the repository root.
+from vfocal_jax.input_pipeline import shard_format
+
+REPORT_FILENAME = "failed_videos.txt"
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoEntry:
+  """One line of the CSV, resolved."""
+  path: str           # as written in the CSV (stored as video/filename)
+  full_path: str      # joined with the video root
+  label: int          # class index, or -1 when the label is unknown
+  label_text: str | None
+
+
+def read_csv(csv_path: str) -> list[tuple[str, str]]:
+  """Reads `path,label` lines (official layout); blank lines and `#` comments are skipped.
+
+  A first line whose label is literally `label` is treated as a header.
+  """
+  rows = []
+  with open(csv_path, encoding="utf-8") as f:
+    for line_no, line in enumerate(f, 1):
+      line = line.strip()
+      if not line or line.startswith("#"):
+        continue
+      if "," not in line:
+        raise ValueError(f"{csv_path}:{line_no}: expected 'path,label', got {line!r}")
+      path, label = line.rsplit(",", 1)
+      if line_no == 1 and label.strip().lower() == "label":
+        continue
+      rows.append((path.strip(), label.strip()))
+  return rows
+
+
+def load_label_map(path: str) -> list[str]:
+  """Class names, one per line (line i is class i)."""
+  with open(path, encoding="utf-8") as f:
+    return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def build_label_names(labels: Sequence[str]) -> list[str] | None:
+  """Sorted unique names, or None when every label is already an integer."""
+  if all(_is_int(x) for x in labels):
+    return None
+  return sorted(set(labels))
+
+
+def _is_int(text: str) -> bool:
+  try:
+    int(text)
+    return True
+  except ValueError:
+    return False
+
+
+def resolve_entries(rows: Sequence[tuple[str, str]], video_root: str | None,
+                    label_names: list[str] | None) -> list[VideoEntry]:
+  """Maps each CSV row to a class index (-1 if the label is not in the map)."""
+  index = {name: i for i, name in enumerate(label_names or [])}
+  entries = []
+  for path, label in rows:
+    full = path if (os.path.isabs(path) or not video_root) else os.path.join(video_root, path)
+    if _is_int(label):
+      i = int(label)
+      text = label_names[i] if label_names and 0 <= i < len(label_names) else None
+      if label_names and not 0 <= i < len(label_names):
+        i = -1
+    else:
+      i = index.get(label, -1)
+      text = label
+    entries.append(VideoEntry(path, full, i, text))
+  return entries
+
+
+def shard_name(i: int, num_shards: int) -> str:
+  return f"shard-{i:05d}-of-{num_shards:05d}.tfrecord"
+
+
+def assign_shards(entries: Sequence[VideoEntry], num_shards: int, seed: int) -> list[list[VideoEntry]]:
+  """Spreads videos over shards round-robin after a seeded shuffle.
+
+  CSVs are often sorted by class; shuffling once here mixes classes inside
+  every shard, so file-level shuffling in the pipeline is enough.
+  """
+  order = list(range(len(entries)))
+  random.Random(seed).shuffle(order)
+  shards: list[list[VideoEntry]] = [[] for _ in range(num_shards)]
+  for k, i in enumerate(order):
+    shards[k % num_shards].append(entries[i])
+  return shards
+
+
+def _encode_jpegs(frames: np.ndarray, quality: int) -> list[bytes]:
+  import tensorflow as tf
+  return [tf.io.encode_jpeg(f, quality=quality).numpy() for f in frames]
+
+
+def write_shard(output_path: str, entries: Sequence[VideoEntry], *, short_side: int | None,
+                max_fps: float | None, jpeg_quality: int,
+                decode_fn: Callable[..., np.ndarray] | None = None) -> dict:
+  """Writes one shard atomically; returns its stats (count, failed videos).
+
+  The stats are also written beside the shard as `<shard>.json`; a shard is
+  complete when that file exists.
+  """
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")
+  from vfocal_jax.input_pipeline.video_io import VideoDecodeError, decode_video_file
+  decode_fn = decode_fn or decode_video_file
+
+  count, num_frames, failed = 0, 0, []
+  tmp_path = output_path + ".tmp"
+  with tf.io.TFRecordWriter(tmp_path) as writer:
+    for entry in entries:
+      if entry.label < 0:
+        failed.append((entry.path, f"label {entry.label_text!r} not in the label map"))
+        continue
+      try:
+        frames = decode_fn(entry.full_path, short_side=short_side, max_fps=max_fps)
+      except VideoDecodeError as e:
+        failed.append((entry.path, str(e)))
+        continue
+      except Exception as e:  # Keep going whatever the decoder throws.
+        failed.append((entry.path, f"{type(e).__name__}: {e}"))
+        continue
+      example = shard_format.make_sequence_example(
+          _encode_jpegs(frames, jpeg_quality), entry.label, label_text=entry.label_text,
+          filename=entry.path)
+      writer.write(example.SerializeToString())
+      count += 1
+      num_frames += len(frames)
+  stats = {"shard": os.path.basename(output_path), "num_examples": count,
+           "num_frames": num_frames, "failed": failed}
+  os.replace(tmp_path, output_path)
+  with open(output_path + ".json.tmp", "w") as f:
+    json.dump(stats, f)
+  os.replace(output_path + ".json.tmp", output_path + ".json")
+  return stats
+
+
+def _write_shard_job(args: tuple) -> dict:
+  output_path, entries, kwargs = args
+  return write_shard(output_path, entries, **kwargs)
+
+
+def make_shards(csv: str, output_dir: str, num_shards: int, *, video_root: str | None = None,
+                short_side: int | None = 256, max_fps: float | None = None, jpeg_quality: int = 90,
+                workers: int = 1, label_map: str | None = None, shuffle_seed: int = 0,
+                progress: bool = True) -> dict:
+  """Writes the shards of one split; returns the summary also saved as dataset_info.json.
+
+  Args:
+    csv: `path,label` per line (label: integer index or class name).
+    output_dir: where shards, `labels.txt`, `dataset_info.json` and
+      `failed_videos.txt` go.
+    num_shards: number of TFRecord files (use at least the number of hosts
+      that will read the split; more spreads the reading better).
+    video_root: directory the CSV paths are relative to.
+    short_side: resize frames so that the shorter side has this many pixels
+      (None keeps the original size).
+    max_fps: drop frames of faster videos to at most this rate.
+    jpeg_quality: 1..100.
+    workers: parallel processes (1: in this process).
+    label_map: an existing `labels.txt` to use instead of building one.
+    shuffle_seed: seed of the video -> shard assignment.
+    progress: show a progress bar.
+  """
+  os.makedirs(output_dir, exist_ok=True)
+  rows = read_csv(csv)
+  if label_map:
+    label_names = load_label_map(label_map)
+  else:
+    label_names = build_label_names([label for _, label in rows])
+  if label_names is not None:
+    with open(os.path.join(output_dir, shard_format.LABELS_FILENAME), "w", encoding="utf-8") as f:
+      f.write("".join(name + "\n" for name in label_names))
+  entries = resolve_entries(rows, video_root, label_names)
+  shards = assign_shards(entries, num_shards, shuffle_seed)
+  kwargs = dict(short_side=short_side, max_fps=max_fps, jpeg_quality=jpeg_quality)
+
+  jobs, stats = [], {}
+  for i, shard_entries in enumerate(shards):
+    path = os.path.join(output_dir, shard_name(i, num_shards))
+    if os.path.exists(path) and os.path.exists(path + ".json"):
+      with open(path + ".json") as f:
+        stats[i] = json.load(f)  # Finished by an earlier run: keep it.
+    else:
+      jobs.append((i, (path, shard_entries, kwargs)))
+
+  bar = _progress_bar(total=len(entries), initial=sum(len(shards[i]) for i in stats),
+                      enabled=progress)
+  if workers <= 1 or len(jobs) <= 1:
+    for i, job in jobs:
+      stats[i] = _write_shard_job(job)
+      bar.update(len(shards[i]))
+  else:
+    ctx = multiprocessing.get_context("spawn")  # TF is not fork-safe.
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+      futures = {pool.submit(_write_shard_job, job): i for i, job in jobs}
+      for future in concurrent.futures.as_completed(futures):
+        i = futures[future]
+        stats[i] = future.result()
+        bar.update(len(shards[i]))
+  bar.close()
+
+  failed = [tuple(x) for i in sorted(stats) for x in stats[i]["failed"]]
+  with open(os.path.join(output_dir, REPORT_FILENAME), "w", encoding="utf-8") as f:
+    f.write("".join(f"{path}\t{reason}\n" for path, reason in failed))
+  num_examples = sum(s["num_examples"] for s in stats.values())
+  max_label = max((e.label for e in entries), default=-1)
+  info = {
+      "num_examples": num_examples,
+      "num_failed": len(failed),
+      "num_classes": len(label_names) if label_names is not None else max_label + 1,
+      "label_names": label_names,
+      "shards": {stats[i]["shard"]: stats[i]["num_examples"] for i in sorted(stats)},
+      "num_frames": sum(s["num_frames"] for s in stats.values()),
+      "short_side": short_side,
+      "max_fps": max_fps,
+      "jpeg_quality": jpeg_quality,
+      "source_csv": os.path.abspath(csv),
+  }
+  with open(os.path.join(output_dir, shard_format.INFO_FILENAME), "w", encoding="utf-8") as f:
+    json.dump(info, f, indent=1)
+  message = (f"{output_dir}: wrote {num_examples} videos in {num_shards} shards; "
+             f"{len(failed)} could not be read (listed in {REPORT_FILENAME})")
+  print(message, file=sys.stderr)
+  return info
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+  """tqdm when available (it comes with tensorflow-datasets), else a no-op."""
+  try:
+    from tqdm import auto as tqdm
+    return tqdm.tqdm(total=total, initial=initial, unit="video", disable=not enabled)
+  except ImportError:  # pragma: no cover
+    class _NoBar:
+      def update(self, n): pass
+      def close(self): pass
+    return _NoBar()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  from absl import flags
+  flags.DEFINE_string("csv", None, "CSV of `path,label` lines.", required=True)
+  flags.DEFINE_string("video_root", None, "Directory the CSV paths are relative to.")
+  flags.DEFINE_string("output_dir", None, "Where the shards go.", required=True)
+  flags.DEFINE_integer("num_shards", 16, "Number of TFRecord files.")
+  flags.DEFINE_integer("short_side", 256, "Resize frames to this short side (0: keep).")
+  flags.DEFINE_float("max_fps", 0, "Keep at most this many frames per second (0: all).")
+  flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality of the stored frames.")
+  flags.DEFINE_integer("workers", max(1, (os.cpu_count() or 1)), "Parallel processes.")
+  flags.DEFINE_string("label_map", None, "Existing labels.txt to reuse (e.g. train's for val).")
+  flags.DEFINE_integer("shuffle_seed", 0, "Seed of the video -> shard assignment.")
+  flags.FLAGS(list(argv or sys.argv))
+  f = flags.FLAGS
+  make_shards(f.csv, f.output_dir, f.num_shards, video_root=f.video_root,
+              short_side=f.short_side or None, max_fps=f.max_fps or None,
+              jpeg_quality=f.jpeg_quality, workers=f.workers, label_map=f.label_map,
+              shuffle_seed=f.shuffle_seed)
+
+
+if __name__ == "__main__":
+  main()

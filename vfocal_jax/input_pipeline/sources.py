@@ -1,0 +1,193 @@
+"""Where records come from: shard files (split per host) or a tfds dataset.
+
+Both sources yield "raw" elements, dicts of
+  `frames`   the video's frames: a vector of encoded strings, or uint8 (N,H,W,3)
+             (shards: the serialized record in `record` instead, parsed later
+             so that a corrupt record is caught where errors are counted),
+  `file`     the shard (or dataset) the element came from, for messages,
+  `missing`  > 0 only on a per-file end marker: records of that shard that
+             could not be read (truncated / corrupt file), counted as skipped,
+  `is_end`   whether this element is such an end marker.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+
+import tensorflow as tf
+
+from vfocal_jax.input_pipeline import shard_format
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSet:
+  """The shard files of one split, and what dataset_info.json says about them."""
+  files: tuple[str, ...]
+  counts: tuple[int, ...] | None      # records per file, when known
+  num_classes: int | None
+  label_names: tuple[str, ...] | None
+
+  @property
+  def num_examples(self) -> int | None:
+    return None if self.counts is None else sum(self.counts)
+
+
+def list_shards(spec: str) -> list[str]:
+  """Expands a directory / glob / comma-separated list into sorted shard files."""
+  if not spec:
+    raise ValueError("No shards given (set config.data.train_shards / eval_shards).")
+  files: list[str] = []
+  for part in (p.strip() for p in spec.split(",")):
+    if not part:
+      continue
+    if os.path.isdir(part):
+      found = glob.glob(os.path.join(part, "*.tfrecord*"))
+    elif any(ch in part for ch in "*?["):
+      found = glob.glob(part)
+    else:
+      found = [part] if os.path.exists(part) else []
+    found = [f for f in found if not f.endswith((".json", ".tmp"))]
+    if not found:
+      raise FileNotFoundError(f"No shard files match {part!r}.")
+    files.extend(found)
+  return sorted(set(files))
+
+
+def load_shard_set(spec: str, label_map: str = "") -> ShardSet:
+  """Lists the shards and reads dataset_info.json / labels.txt beside them."""
+  files = list_shards(spec)
+  counts = num_classes = label_names = None
+  infos = {}
+  for directory in sorted({os.path.dirname(f) for f in files}):
+    path = os.path.join(directory, shard_format.INFO_FILENAME)
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        infos[directory] = json.load(f)
+  per_file = {}
+  for directory, info in infos.items():
+    for name, n in info.get("shards", {}).items():
+      per_file[os.path.join(directory, name)] = int(n)
+  if files and all(f in per_file for f in files):
+    counts = tuple(per_file[f] for f in files)
+  if infos:
+    first = next(iter(infos.values()))
+    num_classes = first.get("num_classes")
+    label_names = tuple(first["label_names"]) if first.get("label_names") else None
+  label_file = label_map or os.path.join(os.path.dirname(files[0]), shard_format.LABELS_FILENAME)
+  if os.path.exists(label_file):
+    with open(label_file, encoding="utf-8") as f:
+      label_names = tuple(line.rstrip("\n") for line in f if line.strip())
+    num_classes = len(label_names)
+  elif label_map:
+    raise FileNotFoundError(f"Label map {label_map!r} not found.")
+  return ShardSet(tuple(files), counts, num_classes, label_names)
+
+
+@dataclasses.dataclass(frozen=True)
+class HostSplit:
+  """This host's part of a split: whole files, or every P-th record of every file."""
+  files: tuple[str, ...]
+  counts: tuple[int, ...] | None   # records this host reads from each of its files
+  record_shards: int = 1           # P when files are split record-wise
+  record_index: int = 0
+
+
+def split_for_host(shards: ShardSet, process_index: int, process_count: int) -> HostSplit:
+  """Disjoint, complete per-host parts of the split.
+
+  With at least as many files as hosts, host p reads files p, p + P, ...;
+  otherwise every host reads every file and keeps records p, p + P, ...
+  """
+  files, counts = shards.files, shards.counts
+  if process_count <= 1:
+    return HostSplit(files, counts)
+  if len(files) >= process_count:
+    mine = range(process_index, len(files), process_count)
+    return HostSplit(tuple(files[i] for i in mine),
+                     None if counts is None else tuple(counts[i] for i in mine))
+  per_host = None if counts is None else tuple(
+      max(0, (n - process_index + process_count - 1) // process_count) for n in counts)
+  return HostSplit(files, per_host, process_count, process_index)
+
+
+def count_records(files: tuple[str, ...]) -> tuple[int, ...]:
+  """Counts readable records by reading the files (when no dataset_info.json)."""
+  out = []
+  for f in files:
+    ds = tf.data.TFRecordDataset(f).ignore_errors()
+    out.append(int(ds.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1)))
+  return tuple(out)
+
+
+def _read_one_file(path: tf.Tensor, expected: tf.Tensor, record_shards: int, record_index: int):
+  """Records of one file, then an end marker carrying how many could not be read."""
+  records = tf.data.TFRecordDataset(path)
+  if record_shards > 1:
+    records = records.shard(record_shards, record_index)
+  records = records.map(lambda r: {"record": r, "file": path, "missing": tf.constant(0, tf.int64),
+                                   "is_end": tf.constant(False)})
+  records = records.ignore_errors()   # A truncated / corrupt file ends early here.
+  end = tf.data.Dataset.from_tensors({"record": tf.constant(b""), "file": path,
+                                      "missing": tf.constant(0, tf.int64),
+                                      "is_end": tf.constant(True)})
+
+  def count(n_read, elem):
+    missing = tf.where(elem["is_end"] & (expected >= 0), tf.maximum(expected - n_read, 0),
+                       tf.constant(0, tf.int64))
+    return n_read + 1, dict(elem, missing=missing)
+
+  return records.concatenate(end).scan(tf.constant(0, tf.int64), count)
+
+
+def raw_shard_dataset(split: HostSplit, *, shuffle_files: bool, repeat: bool, seed: int,
+                      cycle_length: int, num_threads: int) -> tf.data.Dataset:
+  """Interleaved records of this host's files (plus per-file end markers)."""
+  expected = split.counts if split.counts is not None else (-1,) * len(split.files)
+  files = tf.data.Dataset.from_tensor_slices((list(split.files), [int(x) for x in expected]))
+  if shuffle_files:
+    files = files.shuffle(len(split.files), seed=seed, reshuffle_each_iteration=True)
+  if repeat:
+    files = files.repeat()
+  cycle = max(1, min(cycle_length, len(split.files)))
+  return files.interleave(
+      lambda f, n: _read_one_file(f, tf.cast(n, tf.int64), split.record_shards, split.record_index),
+      cycle_length=cycle, block_length=1, num_parallel_calls=min(cycle, num_threads),
+      deterministic=True)
+
+
+# --- tfds ---------------------------------------------------------------------
+
+
+def tfds_builder(name: str, data_dir: str = ""):
+  """A tfds builder by catalog name (or a locally prepared dataset's name)."""
+  import tensorflow_datasets as tfds
+  return tfds.builder(name, data_dir=data_dir or None)
+
+
+def tfds_split_for_host(split: str, process_index: int, process_count: int) -> str:
+  import tensorflow_datasets as tfds
+  if process_count <= 1:
+    return split
+  return tfds.even_splits(split, n=process_count)[process_index]
+
+
+def raw_tfds_dataset(builder, split: str, *, video_key: str, label_key: str, shuffle_files: bool,
+                     seed: int) -> tf.data.Dataset:
+  """Elements of a tfds dataset, frames left encoded when the feature allows it."""
+  import tensorflow_datasets as tfds
+  feature = builder.info.features[video_key]
+  decoders = None
+  if isinstance(feature, tfds.features.Video) and getattr(feature, "_encoding_format", None) != "none":
+    decoders = {video_key: tfds.decode.SkipDecoding()}
+  read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False)
+  ds = builder.as_dataset(split=split, shuffle_files=shuffle_files, decoders=decoders,
+                          read_config=read_config)
+  name = tf.constant(f"tfds:{builder.info.full_name}:{split}")
+
+  def to_raw(ex):
+    return {"frames": ex[video_key], "label": tf.cast(ex[label_key], tf.int32), "file": name,
+            "missing": tf.constant(0, tf.int64), "is_end": tf.constant(False)}
+
+  return ds.map(to_raw)

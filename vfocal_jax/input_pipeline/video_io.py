@@ -1,0 +1,73 @@
+"""Reading video files into frames with PyAV (FFmpeg)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+class VideoDecodeError(ValueError):
+  """A video file could not be opened or held no decodable frame."""
+
+
+def _short_side_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+  """(height, width) after scaling so that min(height, width) == short_side."""
+  if height <= width:
+    return short_side, max(1, round(width * short_side / height))
+  return max(1, round(height * short_side / width)), short_side
+
+
+def decode_video_file(path: str | os.PathLike, *, short_side: int | None = None,
+                      max_fps: float | None = None, max_frames: int | None = None) -> np.ndarray:
+  """Decodes every frame of a video file (first video stream) into RGB.
+
+  Args:
+    path: any container/codec FFmpeg reads (mp4/h264, webm/vp9, avi/mjpeg...).
+    short_side: if set, frames are resized (FFmpeg swscale, bicubic) so that
+      their shorter side has this many pixels, keeping the aspect ratio.
+    max_fps: if set and the video is faster, frames are dropped (by their
+      timestamps) so that at most this many frames per second are kept.
+    max_frames: stop after this many kept frames.
+
+  Returns:
+    uint8 array (N, H, W, 3), N >= 1, in display order.
+
+  Raises:
+    VideoDecodeError: the file is missing, unreadable, or has no video frame.
+  """
+  import av  # PyAV; imported here so that reading shards does not need it.
+
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise VideoDecodeError(f"{path}: no such file")
+  frames = []
+  try:
+    with av.open(path) as container:
+      if not container.streams.video:
+        raise VideoDecodeError(f"{path}: no video stream")
+      stream = container.streams.video[0]
+      stream.thread_type = "AUTO"
+      next_time = None
+      size = None
+      for frame in container.decode(stream):
+        if max_fps:
+          t = float(frame.time) if frame.time is not None else None
+          if t is not None:
+            if next_time is not None and t < next_time - 1e-6:
+              continue
+            next_time = (t if next_time is None else next_time) + 1.0 / max_fps
+        if size is None:
+          size = ((frame.height, frame.width) if short_side is None
+                  else _short_side_size(frame.height, frame.width, short_side))
+        frames.append(frame.to_ndarray(format="rgb24", height=size[0], width=size[1]))
+        if max_frames and len(frames) >= max_frames:
+          break
+  except VideoDecodeError:
+    raise
+  except Exception as e:  # PyAV raises many FFmpeg error types (InvalidDataError, ...).
+    if not frames:
+      raise VideoDecodeError(f"{path}: {type(e).__name__}: {e}") from e
+    # A stream damaged near its end: keep the frames decoded so far.
+  if not frames:
+    raise VideoDecodeError(f"{path}: no decodable video frame")
+  return np.stack(frames)
