@@ -54,13 +54,19 @@ flags.DEFINE_string("output_csv", None, "predict: write top-5 per video here.")
 
 
 def _init_distributed() -> None:
-  """Joins a multi-process run when asked to (or on a TPU pod)."""
+  """Joins a multi-process run when asked to (or on a TPU pod slice, auto-detected).
+
+  Every process then sees all devices of all hosts (`jax.devices()`), feeds its
+  local ones, and the global batch is assembled from the per-process pieces.
+  """
   import jax
   if FLAGS.coordinator_address or FLAGS.num_processes:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  elif os.environ.get("TPU_NAME") or os.environ.get("CLOUD_TPU_TASK_ID"):
+  elif os.environ.get("TPU_NAME") or os.environ.get("CLOUD_TPU_TASK_ID") or os.environ.get("TPU_WORKER_HOSTNAMES"):
     jax.distributed.initialize()
+  logging.info("Process %d of %d; %d local / %d global devices (%s).", jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(), jax.default_backend())
 
 
 def main(argv: list[str]) -> None:
@@ -85,6 +91,19 @@ def main(argv: list[str]) -> None:
   _init_distributed()
   if command == "train":
     from vfocal_jax import train
+    if config.get("dataset") == "demo":  # Write the synthetic motion shards once, point config.data at them.
+      import jax
+      demo_dir = config.demo_data_dir or os.path.join(FLAGS.workdir, "demo_data")
+      config.data.train_shards = config.data.train_shards or os.path.join(demo_dir, "train")
+      config.data.eval_shards = config.data.eval_shards or os.path.join(demo_dir, "val")
+      if jax.process_index() == 0 and not os.path.exists(os.path.join(demo_dir, "DONE")):
+        from data.demo_dataset import build_demo_dataset
+        logging.info("Demo: writing the synthetic motion dataset to %s ...", demo_dir)
+        build_demo_dataset(demo_dir, progress=True, **config.demo_dataset.to_dict())
+        open(os.path.join(demo_dir, "DONE"), "w").close()
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("demo_data")
     train.train_and_evaluate(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint)
   elif command == "eval":
     from vfocal_jax import evaluate

@@ -145,12 +145,15 @@ def load_params_from_workdir(workdir: str, step: int | None = None) -> tuple[Any
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"No checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}.")
-  meta = manager.item_metadata(step)["state"]
-  tree = getattr(meta, "tree", meta)
-  device = jax.local_devices()[0]
-  sharding = jax.sharding.SingleDeviceSharding(device)
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree["params"])
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item={"params": target}, partial_restore=True)))
   manager.close()
-  return restored["state"]["params"], config
+  path = os.fspath(epath.Path(manager.directory) / str(step) / "state")
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    meta = checkpointer.metadata(path)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    item = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                   dict(tree["params"]))}
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+  return restored["params"], config

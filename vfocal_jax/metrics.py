@@ -3,7 +3,7 @@
 (clu's ``Std`` is broken with jax 0.10 — it calls ``jnp.clip(a_min=...)`` — so
 none is used here.)
 """
-from __future__ import annotations
+
 
 from typing import Any
 

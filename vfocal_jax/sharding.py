@@ -130,3 +130,15 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     sharding = batch_sharding(mesh, x.ndim)
     out[name] = jax.make_array_from_process_local_data(sharding, x)
   return out
+
+
+def to_host(tree: Any) -> Any:
+  """NumPy values of replicated (or fully addressable) arrays, on every process."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if not x.sharding.is_fully_replicated:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+  return jax.tree.map(one, tree)

@@ -1,0 +1,136 @@
+"""A tiny training run used by the train tests, in-process or as one of several processes.
+
+    python tests/multihost_worker.py --num_processes=2 --process_id=0 --port=12345 --out=/tmp/p0.json
+
+Each process feeds its own rows of every global batch (rows are split in
+process order), as the input pipeline does on a multi-host run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+NUM_CLASSES = 5
+GLOBAL_BATCH = 8
+
+
+def tiny_config(**overrides):
+  """A few-thousand-parameter Video-FocalNet and the official SGD recipe."""
+  from configs import default
+  config = default.get_config()
+  config.num_frames = 4
+  config.image_size = 32
+  config.model.variant = "tiny"
+  config.model.embed_dim = 8
+  config.model.depths = (1, 1, 1, 1)
+  config.model.num_classes = NUM_CLASSES
+  config.model.drop_path_rate = 0.1
+  config.model.dtype = "float32"
+  config.batch_size = GLOBAL_BATCH
+  config.eval_batch_size = GLOBAL_BATCH
+  config.base_lr = 64.0  # x 8 / 512 = 1.0: big steps make any gradient error visible.
+  config.warmup_lr = 64.0
+  config.min_lr = 64.0
+  config.num_train_steps = 6
+  config.warmup_steps = 0
+  config.fsdp_min_size = 0
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 1000
+  config.eval_every_epochs = 0.0
+  config.test_num_clips = 1
+  config.test_num_crops = 1
+  config.async_checkpointing = False
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def global_batch(step: int, config) -> dict:
+  """Batch number ``step`` of a deterministic stream (the same on every process)."""
+  import numpy as np
+  rng = np.random.default_rng((1234, step))
+  labels = rng.integers(0, NUM_CLASSES, GLOBAL_BATCH).astype(np.int32)
+  shape = (GLOBAL_BATCH, config.num_frames, config.image_size, config.image_size, 3)
+  video = rng.normal(size=shape).astype(np.float32)
+  return {"video": video, "label": labels}
+
+
+class StreamIterator:
+  """This process's rows of ``global_batch(0), global_batch(1), ...``; checkpointable."""
+
+  def __init__(self, config, process_index: int = 0, process_count: int = 1):
+    self.config, self.pos = config, 0
+    self.index, self.count = process_index, process_count
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = global_batch(self.pos, self.config)
+    self.pos += 1
+    n = GLOBAL_BATCH // self.count
+    return {k: v[self.index * n:(self.index + 1) * n] for k, v in batch.items()}
+
+  def save(self, path):
+    with open(path, "w") as f:
+      json.dump({"pos": self.pos}, f)
+
+  def restore(self, path):
+    with open(path) as f:
+      self.pos = json.load(f)["pos"]
+
+
+def run_steps(config, num_steps: int, mesh=None):
+  """Trains ``num_steps`` steps; returns per-step losses and the final params (host NumPy)."""
+  import jax
+  from vfocal_jax import sharding, train
+  trainer = train.Trainer(config, steps_per_epoch=100, mesh=mesh)
+  state = trainer.init_state()
+  it = StreamIterator(config, jax.process_index(), jax.process_count())
+  losses = []
+  with trainer.mesh:
+    for _ in range(num_steps):
+      state, metrics = trainer.train_step(state, trainer.put_batch(next(it)))
+      losses.append(float(sharding.to_host(metrics.compute())["loss"]))
+  return losses, sharding.to_host(state.params)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--num_processes", type=int, default=1)
+  parser.add_argument("--process_id", type=int, default=0)
+  parser.add_argument("--port", type=int, default=0)
+  parser.add_argument("--devices_per_process", type=int, default=2)
+  parser.add_argument("--mesh", default="-1,1")
+  parser.add_argument("--steps", type=int, default=2)
+  parser.add_argument("--out", required=True)
+  args = parser.parse_args()
+
+  import jax
+  jax.config.update("jax_num_cpu_devices", args.devices_per_process)
+  if args.num_processes > 1:
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}", num_processes=args.num_processes,
+                               process_id=args.process_id)
+  import numpy as np
+  from flax import traverse_util
+  config = tiny_config(mesh_shape=tuple(int(x) for x in args.mesh.split(",")))
+  losses, params = run_steps(config, args.steps)
+  flat = traverse_util.flatten_dict(params, sep="/")
+  if jax.process_index() == 0:
+    with open(args.out, "w") as f:
+      json.dump({"losses": losses, "device_count": jax.device_count(), "process_count": jax.process_count(),
+                 "params": {k: np.asarray(v, np.float64).ravel().tolist() for k, v in flat.items()}}, f)
+
+
+if __name__ == "__main__":
+  main()
