@@ -1,0 +1,300 @@
+"""The tf.data pipelines on shards of numbered videos (written by the real writer).
+
+Frame f of video v has R = 8f + 4, G = 16v + 8 and a left-to-right B ramp
+(data/testing.py), so every output pixel says where it came from. Expected
+frame indices come from a NumPy float64 transcription of the official
+sampler (below), not from our TF code.
+"""
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from data import make_shards, testing
+from vfocal_jax import input_pipeline as ip
+from vfocal_jax.input_pipeline import sampling, sources
+
+LENGTHS = [12, 5, 20, 3, 9, 1, 16, 7, 30, 10]   # includes videos shorter than the clip
+T, S = 4, 32                                      # frames per clip, crop size
+MEAN = np.array([123.675, 116.28, 103.53])
+STD = np.array([58.395, 57.12, 57.375])
+
+
+# --- Reference: the official sampler, in NumPy. -------------------------------
+
+
+def ref_train_ranges(n, num_frames, interval):
+  """For each output frame, the set of indices the official train sampler may pick."""
+  ori = interval
+  avg = (n - ori + 1) // num_frames
+  if avg > 0:
+    return [set(range(t * avg, t * avg + avg)) for t in range(num_frames)]
+  if n > max(num_frames, ori):
+    return [set(range(n - ori + 1)) for _ in range(num_frames)]
+  if avg == 0:
+    ratio = (n - ori + 1.0) / num_frames
+    return [{int(np.around(t * ratio)) % n} for t in range(num_frames)]
+  return [{0} for _ in range(num_frames)]
+
+
+def ref_test_indices(n, num_frames, interval, num_clips=1):
+  """Clip k at fraction (k + 0.5) / K of every segment; K = 1 is the official test rule."""
+  avg = (n - interval + 1) / float(num_frames)
+  out = []
+  for k in range(num_clips):
+    if n > interval - 1:
+      offs = (np.arange(num_frames) * avg + avg * (k + 0.5) / num_clips).astype(np.int64)
+    else:
+      offs = np.zeros(num_frames, np.int64)
+    out.append(np.mod(offs, n))
+  return np.stack(out)
+
+
+# --- Fixtures. ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+  """10 numbered videos (32x48) in 3 shards; label of video v is v % 4."""
+  root = tmp_path_factory.mktemp("pipeline")
+  lines = []
+  for vid, n in enumerate(LENGTHS):
+    testing.write_video(str(root / f"v{vid}.mkv"), testing.numbered_frames(vid, n, 32, 48))
+    lines.append(f"v{vid}.mkv,{vid % 4}\n")
+  (root / "all.csv").write_text("".join(lines))
+  make_shards.make_shards(str(root / "all.csv"), str(root / "shards"), 3, video_root=str(root),
+                          short_side=None, jpeg_quality=95, workers=1, progress=False)
+  return str(root / "shards")
+
+
+def plain_cfg(shard_dir, **overrides):
+  """No colour/flip randomness and no resize, so pixels can be traced back."""
+  cfg = ip.data_config_defaults()
+  cfg.train_shards = cfg.eval_shards = shard_dir
+  cfg.flip_prob = cfg.color_jitter_prob = cfg.grayscale_prob = 0.0
+  cfg.train_resize_ratio = 1.0
+  cfg.eval_resize_ratio = 1.0
+  cfg.shuffle_buffer_size = 16
+  cfg.num_threads = 2
+  cfg.log_skipped = True
+  for k, v in overrides.items():
+    setattr(cfg, k, v)
+  return cfg
+
+
+def unnormalise(video):
+  return video.astype(np.float64) * STD + MEAN
+
+
+# --- Sampling. ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("interval", [1, 4])
+def test_segment_sampling_matches_official_formula(interval):
+  for n in range(1, 41):
+    ranges = ref_train_ranges(n, 8, interval)
+    for s in range(6):
+      idx = sampling.segment_train_indices(tf.constant(n), 8, interval, tf.constant([s, n], tf.int64))
+      idx = idx.numpy()
+      assert all(int(i) in r for i, r in zip(idx, ranges)), (n, idx, ranges)
+      if n > max(8, interval) and (n - interval + 1) // 8 == 0:
+        assert list(idx) == sorted(idx)
+    for k in (1, 4):
+      got = sampling.segment_test_indices(tf.constant(n), 8, interval, k).numpy()
+      np.testing.assert_array_equal(got, ref_test_indices(n, 8, interval, k))
+
+
+def test_segment_test_is_segment_centre_and_train_covers_segment():
+  # 16 frames, 4 segments of 4: centres 2, 6, 10, 14.
+  np.testing.assert_array_equal(sampling.segment_test_indices(tf.constant(16), 4, 1).numpy()[0],
+                                [2, 6, 10, 14])
+  seen = np.stack([sampling.segment_train_indices(tf.constant(16), 4, 1,
+                                                  tf.constant([s, 0], tf.int64)).numpy()
+                   for s in range(200)])
+  for t in range(4):
+    assert set(seen[:, t]) == set(range(4 * t, 4 * t + 4))
+
+
+def test_dense_sampling_stride_and_loop():
+  for n in (3, 10, 40):
+    for s in range(5):
+      idx = sampling.dense_train_indices(tf.constant(n), 4, 3, tf.constant([s, 1], tf.int64)).numpy()
+      start = idx[0]
+      assert 0 <= start <= max(n - 10, 0)
+      np.testing.assert_array_equal(idx, (start + 3 * np.arange(4)) % n)
+    got = sampling.dense_test_indices(tf.constant(n), 4, 3, 2).numpy()
+    avg = (n - 10 + 1) / 2
+    starts = (np.arange(2) * avg + avg / 2).astype(int) if n > 9 else np.zeros(2, int)
+    np.testing.assert_array_equal(got, (starts[:, None] + 3 * np.arange(4)) % n)
+
+
+def test_random_clip_offsets_are_independent_train_draws():
+  idx = sampling.eval_indices(tf.constant(40), 4, sampling="segment", interval=4, num_clips=3,
+                              clip_offsets="random", seed=tf.constant([1, 2], tf.int64)).numpy()
+  ranges = ref_train_ranges(40, 4, 1)   # the official multi-view sampler uses interval 1
+  assert idx.shape == (3, 4)
+  assert all(int(i) in ranges[t] for clip in idx for t, i in enumerate(clip))
+
+
+# --- Training pipeline. ---------------------------------------------------------
+
+
+def test_train_batches_frames_labels_and_normalisation(shards):
+  cfg = plain_cfg(shards)
+  it = ip.create_train_iterator(cfg, batch_size=5, seed=0, num_frames=T, image_size=S)
+  assert it.num_examples == len(LENGTHS) and it.num_classes == 4
+  seen = set()
+  for _ in range(6):
+    batch = next(it)
+    assert batch["video"].shape == (5, T, S, S, 3) and batch["video"].dtype == np.float32
+    assert batch["label"].dtype == np.int32 and batch["num_skipped"] == 0
+    pixels = unnormalise(batch["video"])
+    for clip, label in zip(pixels, batch["label"]):
+      vid = int(testing.video_number(clip)[0])
+      seen.add(vid)
+      assert label == vid % 4
+      frames = testing.frame_number(clip)
+      ranges = ref_train_ranges(LENGTHS[vid], T, 1)
+      assert all(int(f) in r for f, r in zip(frames, ranges)), (vid, frames)
+      # Normalised with the DESIGN constants: G is flat 16v + 8 everywhere.
+      np.testing.assert_allclose(clip[..., 1], 16 * vid + 8, atol=3)
+      # No flip: the B ramp rises to the right in every frame.
+      assert np.all(np.diff(clip[:, S // 2, :, 2], axis=-1).mean(-1) > 0)
+  assert seen == set(range(len(LENGTHS)))
+
+
+def test_flip_on_reverses_the_ramp(shards):
+  cfg = plain_cfg(shards, flip_prob=1.0)
+  batch = next(ip.create_train_iterator(cfg, batch_size=4, seed=0, num_frames=T, image_size=S))
+  ramp = unnormalise(batch["video"])[..., S // 2, :, 2]
+  assert np.all(np.diff(ramp, axis=-1).mean(-1) < 0)
+
+
+def test_crop_and_flip_shared_across_frames(shards):
+  cfg = plain_cfg(shards, flip_prob=0.5, rrc_area_range=(0.1, 1.0))
+  batch = next(ip.create_train_iterator(cfg, batch_size=8, seed=3, num_frames=T, image_size=S))
+  blue = unnormalise(batch["video"])[..., 2]      # B does not depend on the frame number
+  assert np.abs(blue - blue[:, :1]).max() < 6       # same window and flip in every frame
+  assert np.ptp(blue[:, 0, 0, 0]) > 5               # but different across clips
+
+
+def test_colour_jitter_and_grayscale_shared_across_frames():
+  from vfocal_jax.input_pipeline import transforms
+  image = tf.random.stateless_uniform([1, 8, 8, 3], [0, 1], 0, 255)
+  clip = tf.repeat(image, 4, axis=0)
+  for s in range(4):
+    seed = tf.constant([s, 9], tf.int64)
+    out = transforms.color_jitter(clip, prob=1.0, brightness=0.4, contrast=0.4, saturation=0.4,
+                                  hue=0.1, seed=seed).numpy()
+    assert np.abs(out - out[:1]).max() < 1e-3 and np.abs(out - clip.numpy()).max() > 1
+    gray = transforms.grayscale(clip, 1.0, seed).numpy()
+    ref = clip.numpy() @ np.array([0.299, 0.587, 0.114])
+    np.testing.assert_allclose(gray, np.repeat(ref[..., None], 3, -1), rtol=1e-5, atol=1e-3)
+
+
+def test_same_seed_same_batches_and_checkpoint_resume(shards, tmp_path):
+  cfg = plain_cfg(shards, color_jitter_prob=0.8, flip_prob=0.5)
+  kw = dict(batch_size=3, num_frames=T, image_size=S)
+  a = ip.create_train_iterator(cfg, seed=7, **kw)
+  b = ip.create_train_iterator(cfg, seed=7, **kw)
+  c = ip.create_train_iterator(cfg, seed=8, **kw)
+  first = [next(a) for _ in range(3)]
+  for x in first:
+    y = next(b)
+    np.testing.assert_array_equal(x["video"], y["video"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+  assert not np.array_equal(first[0]["video"], next(c)["video"])
+  a.save(str(tmp_path / "iter"))
+  expected = [next(a) for _ in range(4)]         # crosses an epoch boundary
+  restored = ip.create_train_iterator(cfg, seed=7, **kw)
+  restored.restore(str(tmp_path / "iter"))
+  for x in expected:
+    y = next(restored)
+    np.testing.assert_array_equal(x["video"], y["video"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+
+
+# --- Evaluation pipeline. ---------------------------------------------------------
+
+
+def test_eval_views_clips_and_crops(shards):
+  cfg = plain_cfg(shards)
+  ev = ip.create_eval_iterator(cfg, batch_size=4, num_frames=T, image_size=S, num_clips=2, num_crops=3)
+  step = (48 - S) // 2
+  crop_x = [0, 2 * step, step]                   # official ThreeCrop order: left, right, middle
+  count = 0
+  for batch in ev:
+    assert batch["video"].shape == (4, 6, T, S, S, 3)
+    for views, label, real in zip(unnormalise(batch["video"]), batch["label"], batch["mask"]):
+      if not real:
+        continue
+      count += 1
+      vid = int(testing.video_number(views[0])[0])
+      assert label == vid % 4
+      expected = ref_test_indices(LENGTHS[vid], T, 1, 2)
+      for v in range(6):
+        clip, crop = divmod(v, 3)
+        np.testing.assert_array_equal(testing.frame_number(views[v]), expected[clip])
+        mean_b = views[v][..., 2].mean()            # ramp mean over columns x0 .. x0 + S - 1
+        assert abs(mean_b - (40 + 4 * (crop_x[crop] + (S - 1) / 2))) < 2, (v, mean_b)
+  assert count == len(LENGTHS)
+
+
+def test_eval_single_centre_crop_after_resize(shards):
+  cfg = plain_cfg(shards, eval_resize_ratio=256 / 224)
+  ev = ip.create_eval_iterator(cfg, batch_size=16, num_frames=T, image_size=S, num_clips=1, num_crops=1)
+  batch = next(iter(ev))
+  views = unnormalise(batch["video"])[batch["mask"]]
+  assert views.shape[1:] == (1, T, S, S, 3)
+  # Short side 32 -> int(256/224*32) = 36, width 48 -> 54; the centre crop starts at x = 11 of the
+  # resized frame, i.e. x = 11 * 48 / 54 - ... of the ramp; its mean B equals the resized ramp mean.
+  xs = (np.arange(54) + 0.5) * 48 / 54 - 0.5
+  resized_ramp = 40 + 4 * np.clip(xs, 0, 47)
+  np.testing.assert_allclose(views[..., 2].mean(axis=(1, 2, 3, 4)), resized_ramp[11:11 + S].mean(), atol=2)
+
+
+@pytest.mark.parametrize("batch_size", [3, 5])
+@pytest.mark.parametrize("process_count", [1, 2, 4])
+def test_every_eval_video_counted_once_on_all_hosts(shards, batch_size, process_count):
+  cfg = plain_cfg(shards)
+  ids, batches = [], []
+  for p in range(process_count):
+    ev = ip.create_eval_iterator(cfg, batch_size=batch_size, num_frames=2, image_size=S, num_clips=1,
+                                 num_crops=1, process_index=p, process_count=process_count)
+    n = 0
+    for batch in ev:
+      n += 1
+      real = batch["video"][batch["mask"]]
+      ids += list(testing.video_number(unnormalise(real[:, 0, 0])))
+    batches.append(n)
+    assert n == len(ev) == ev.num_batches
+  assert sorted(ids) == list(range(len(LENGTHS)))
+  assert len(set(batches)) == 1
+  per_host_max = max(len(range(p, len(LENGTHS), process_count)) for p in range(process_count))
+  assert batches[0] >= math.ceil(per_host_max / batch_size)
+
+
+def test_host_splits_are_disjoint_and_complete():
+  shard_set = sources.ShardSet(tuple(f"f{i}" for i in range(5)), (3, 1, 4, 1, 5), 2, None)
+  for count in (1, 2, 3, 5):
+    parts = [sources.split_for_host(shard_set, p, count) for p in range(count)]
+    files = [f for part in parts for f in part.files]
+    assert sorted(files) == list(shard_set.files) and len(files) == 5
+  parts = [sources.split_for_host(shard_set, p, 8) for p in range(8)]   # fewer files than hosts
+  assert all(part.files == shard_set.files and part.record_shards == 8 for part in parts)
+  assert sum(sum(part.counts) for part in parts) == 14
+
+
+def test_eval_views_from_frames_matches_the_pipeline(shards):
+  cfg = plain_cfg(shards)
+  frames = testing.numbered_frames(2, LENGTHS[2], 32, 48)
+  views = ip.eval_views_from_frames(frames, num_frames=T, image_size=S, num_clips=2, num_crops=3,
+                                    data_cfg=cfg)
+  assert views.shape == (6, T, S, S, 3) and views.dtype == np.float32
+  ev = ip.create_eval_iterator(cfg, batch_size=16, num_frames=T, image_size=S, num_clips=2, num_crops=3)
+  batch = next(iter(ev))
+  row = [i for i, v in enumerate(batch["video"]) if batch["mask"][i]
+         and testing.video_number(unnormalise(v[0]))[0] == 2][0]
+  # Same transform; the pipeline's frames went through JPEG, these did not.
+  np.testing.assert_allclose(unnormalise(views), unnormalise(batch["video"][row]), atol=4)
