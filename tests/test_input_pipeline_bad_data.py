@@ -1,0 +1,98 @@
+"""Bad records are skipped, counted and reported; the pipelines finish."""
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from data import testing
+from vfocal_jax import input_pipeline as ip
+from vfocal_jax.input_pipeline import shard_format
+
+MEAN = np.array([123.675, 116.28, 103.53])
+STD = np.array([58.395, 57.12, 57.375])
+GOOD = {0, 4, 5, 6}
+NUM_BAD = 5
+
+
+def _record(vid, n=6, label=None, jpegs=None):
+  frames = testing.numbered_frames(vid, n, 32, 40)
+  jpegs = jpegs if jpegs is not None else [tf.io.encode_jpeg(f, quality=95).numpy() for f in frames]
+  return shard_format.make_sequence_example(jpegs, vid % 4 if label is None else label,
+                                            filename=f"v{vid}").SerializeToString()
+
+
+@pytest.fixture(scope="module")
+def bad_shards(tmp_path_factory):
+  """shard 0: good, garbage, label 99, corrupt JPEGs, no frames, good; shard 1: 3 good, truncated."""
+  root = tmp_path_factory.mktemp("bad")
+  good_jpeg = tf.io.encode_jpeg(testing.numbered_frames(2, 1, 32, 40)[0]).numpy()
+  corrupt = good_jpeg[:40] + b"\x00" * 200 + good_jpeg[-40:]
+  shard0 = [_record(0), os.urandom(300), _record(1, label=99), _record(2, jpegs=[corrupt] * 4),
+            _record(3, jpegs=[]), _record(4)]
+  shard1 = [_record(5), _record(6), _record(7)]
+  for name, records in (("shard-00000-of-00002.tfrecord", shard0), ("shard-00001-of-00002.tfrecord", shard1)):
+    with tf.io.TFRecordWriter(str(root / name)) as w:
+      for r in records:
+        w.write(r)
+  path1 = root / "shard-00001-of-00002.tfrecord"
+  os.truncate(path1, os.path.getsize(path1) - 100)        # the last record is cut short
+  info = {"num_examples": 9, "num_classes": 4, "label_names": None,
+          "shards": {"shard-00000-of-00002.tfrecord": 6, "shard-00001-of-00002.tfrecord": 3}}
+  (root / "dataset_info.json").write_text(json.dumps(info))
+  return root
+
+
+def _cfg(shard_dir):
+  cfg = ip.data_config_defaults()
+  cfg.train_shards = cfg.eval_shards = str(shard_dir)
+  cfg.num_threads = 2
+  cfg.shuffle_buffer_size = 4
+  return cfg
+
+
+def _ids(video):
+  return testing.video_number(video.astype(np.float64)[..., 0, :, :, :] * STD + MEAN)
+
+
+def test_eval_skips_counts_and_names_the_shard(bad_shards, capfd):
+  ev = ip.create_eval_iterator(_cfg(bad_shards), batch_size=3, num_frames=2, image_size=32,
+                               num_clips=1, num_crops=1)
+  ids, skipped = [], []
+  for batch in ev:
+    ids += list(_ids(batch["video"][batch["mask"]][:, 0]))
+    skipped.append(int(batch["num_skipped"]))
+  assert sorted(ids) == sorted(GOOD)
+  assert max(skipped) == NUM_BAD and len(skipped) == ev.num_batches == 3
+  err = capfd.readouterr().err
+  assert "shard-00000-of-00002.tfrecord" in err and "shard-00001-of-00002.tfrecord" in err
+
+
+def test_train_keeps_going_and_counts_cumulatively(bad_shards):
+  cfg = _cfg(bad_shards)
+  cfg.color_jitter_prob = cfg.grayscale_prob = 0.0      # keep G = video id readable
+  it = ip.create_train_iterator(cfg, batch_size=2, seed=0, num_frames=2, image_size=32)
+  counts, ids = [], set()
+  for _ in range(8):                               # 16 good clips = 4 passes over the data
+    batch = next(it)
+    counts.append(int(batch["num_skipped"]))
+    ids |= set(_ids(batch["video"]))
+    assert set(batch["label"]) <= {0, 1, 2, 3}
+  assert ids == GOOD
+  assert counts == sorted(counts) and counts[-1] >= 3 * NUM_BAD   # >= 3 whole passes seen
+
+
+def test_without_dataset_info_counts_by_reading(bad_shards, tmp_path):
+  for f in os.listdir(bad_shards):
+    if f.endswith(".tfrecord"):
+      (tmp_path / f).write_bytes((bad_shards / f).read_bytes())
+  cfg = _cfg(tmp_path)
+  cfg.num_classes = 4           # no dataset_info.json: the label range comes from the config
+  ev = ip.create_eval_iterator(cfg, batch_size=4, num_frames=2, image_size=32,
+                               num_clips=1, num_crops=1)
+  batches = list(ev)
+  ids = [i for b in batches for i in _ids(b["video"][b["mask"]][:, 0])]
+  assert sorted(ids) == sorted(GOOD)
+  # The truncated tail cannot be known without the per-shard counts; the rest is counted.
+  assert max(int(b["num_skipped"]) for b in batches) == NUM_BAD - 1
