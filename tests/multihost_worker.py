@@ -90,11 +90,11 @@ class StreamIterator:
       self.pos = json.load(f)["pos"]
 
 
-def run_steps(config, num_steps: int, mesh=None):
+def run_steps(config, num_steps: int, mesh=None, **trainer_kwargs):
   """Trains ``num_steps`` steps; returns per-step losses and the final params (host NumPy)."""
   import jax
   from vfocal_jax import sharding, train
-  trainer = train.Trainer(config, steps_per_epoch=100, mesh=mesh)
+  trainer = train.Trainer(config, steps_per_epoch=100, mesh=mesh, **trainer_kwargs)
   state = trainer.init_state()
   it = StreamIterator(config, jax.process_index(), jax.process_count())
   losses = []

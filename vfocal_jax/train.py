@@ -162,7 +162,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: opt
 class Trainer:
   """Model, optimizer, mesh, shardings and the compiled step for one config."""
 
-  def __init__(self, config: ml_collections.ConfigDict, steps_per_epoch: int, mesh=None):
+  def __init__(self, config: ml_collections.ConfigDict, steps_per_epoch: int, mesh=None,
+               rules=sharding.DEFAULT_RULES):
     self.config = config
     self.mesh = mesh if mesh is not None else sharding.create_mesh(config.mesh_shape)
     self.model = build_model(config)
@@ -180,7 +181,7 @@ class Trainer:
     self._init = init
     self.abstract_state = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
     self.state_sharding = sharding.state_shardings(
-        self.abstract_state, self.mesh, fsdp=config.fsdp, fsdp_min_size=config.fsdp_min_size)
+        self.abstract_state, self.mesh, rules=rules, fsdp=config.fsdp, fsdp_min_size=config.fsdp_min_size)
     self.batch_sharding = {"video": sharding.batch_sharding(self.mesh, 5),
                            "label": sharding.batch_sharding(self.mesh, 1)}
     step = functools.partial(train_step, model=self.model, tx=self.tx, schedule=self.schedule, config=config,

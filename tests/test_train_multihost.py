@@ -1,0 +1,40 @@
+"""Two processes joined by jax.distributed on 127.0.0.1 give the same losses and params as one."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
+ROOT = os.path.dirname(os.path.dirname(WORKER))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _launch(out, num_processes, process_id, devices, port):
+  env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, WORKER, f"--num_processes={num_processes}", f"--process_id={process_id}",
+         f"--port={port}", f"--devices_per_process={devices}", "--mesh=2,2", "--steps=2", f"--out={out}"]
+  return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_processes_equal_one(tmp_path):
+  port = _free_port()
+  procs = [_launch(tmp_path / "multi.json", 2, i, 2, port) for i in range(2)]
+  single = _launch(tmp_path / "single.json", 1, 0, 4, 0)
+  for p in procs + [single]:
+    out, _ = p.communicate(timeout=240)
+    assert p.returncode == 0, out[-3000:]
+  multi = json.load(open(tmp_path / "multi.json"))
+  one = json.load(open(tmp_path / "single.json"))
+  assert (multi["process_count"], multi["device_count"]) == (2, 4)
+  assert (one["process_count"], one["device_count"]) == (1, 4)
+  np.testing.assert_allclose(multi["losses"], one["losses"], rtol=1e-5)
+  for key, value in one["params"].items():
+    np.testing.assert_allclose(multi["params"][key], value, rtol=1e-4, atol=1e-5, err_msg=key)
