@@ -115,7 +115,7 @@ def main(argv: list[str]) -> None:
   elif command == "visualize":
     from vfocal_jax import visualize
     visualize.run(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, videos=FLAGS.video,
-                  output_dir=FLAGS.output_dir)
+                  output_dir=FLAGS.output_dir, labels=FLAGS.labels)
 
 
 if __name__ == "__main__":
