@@ -261,17 +261,24 @@ def _open_split(cfg, *, train: bool, seed: int, process_index: int, process_coun
     builder = sources.tfds_builder(cfg.tfds_name, cfg.get("tfds_data_dir", ""))
     split = cfg.tfds_train_split if train else cfg.tfds_eval_split
     host_splits = [sources.tfds_split_for_host(split, p, process_count) for p in range(process_count)]
-    per_host = tuple(builder.info.splits[s].num_examples for s in host_splits)
     label_feature = builder.info.features[cfg.tfds_label_key]
     names = tuple(getattr(label_feature, "names", None) or ()) or None
-    raw = sources.raw_tfds_dataset(builder, host_splits[process_index], video_key=cfg.tfds_video_key,
-                                   label_key=cfg.tfds_label_key, shuffle_files=train,
-                                   seed=seed + process_index)
+
+    def raw_for(p):
+      return sources.raw_tfds_dataset(builder, host_splits[p], video_key=cfg.tfds_video_key,
+                                      label_key=cfg.tfds_label_key, shuffle_files=train,
+                                      seed=seed + p)
+
+    per_host = sources.tfds_split_sizes(builder, host_splits)
+    if per_host is None and need_counts:  # No split sizes in the metadata: count them.
+      per_host = tuple(int(raw_for(p).reduce(0, lambda n, _: n + 1)) for p in range(process_count))
+    raw = raw_for(process_index)
     if repeat:
       raw = raw.repeat()
+    total = sources.tfds_split_sizes(builder, [split])
     classes = getattr(label_feature, "num_classes", None)
-    info = DatasetInfo(builder.info.splits[split].num_examples, _num_classes(cfg, classes), names)
-    return _Split(raw, info, per_host[process_index], per_host)
+    info = DatasetInfo(total[0] if total else None, _num_classes(cfg, classes), names)
+    return _Split(raw, info, None if per_host is None else per_host[process_index], per_host)
   raise ValueError(f"Unknown data source {cfg.source!r}; expected 'shards' or 'tfds'.")
 
 
@@ -293,7 +300,8 @@ def get_dataset_info(data_cfg: ml_collections.ConfigDict, split: str = "train") 
   name = data_cfg.tfds_train_split if train else data_cfg.tfds_eval_split
   feature = builder.info.features[data_cfg.tfds_label_key]
   names = tuple(getattr(feature, "names", None) or ()) or None
-  return DatasetInfo(builder.info.splits[name].num_examples,
+  total = sources.tfds_split_sizes(builder, [name])
+  return DatasetInfo(total[0] if total else None,
                      _num_classes(data_cfg, getattr(feature, "num_classes", None)), names)
 
 

@@ -161,9 +161,30 @@ def raw_shard_dataset(split: HostSplit, *, shuffle_files: bool, repeat: bool, se
 
 
 def tfds_builder(name: str, data_dir: str = ""):
-  """A tfds builder by catalog name (or a locally prepared dataset's name)."""
+  """A tfds builder by catalog name (or a locally prepared dataset's name).
+
+  A copy prepared under `data_dir` is opened from its files (features,
+  class names, split sizes all from disk), so the builder's code is not
+  needed; otherwise the catalog builder is used (nothing is downloaded:
+  as_dataset only reads prepared files).
+  """
   import tensorflow_datasets as tfds
+  if data_dir and ":" not in name and "/" not in name:
+    root = os.path.join(os.path.expanduser(data_dir), name)
+    versions = sorted((d for d in (os.listdir(root) if os.path.isdir(root) else [])
+                       if os.path.exists(os.path.join(root, d, "dataset_info.json"))),
+                      key=lambda v: tuple(int(x) for x in v.split(".") if x.isdigit()))
+    if versions:
+      return tfds.builder_from_directory(os.path.join(root, versions[-1]))
   return tfds.builder(name, data_dir=data_dir or None)
+
+
+def tfds_split_sizes(builder, splits: list[str]) -> tuple[int, ...] | None:
+  """Examples in each (sub)split from the metadata; None when it has none (e.g. mock data)."""
+  try:
+    return tuple(int(builder.info.splits[s].num_examples) for s in splits)
+  except (KeyError, ValueError):
+    return None
 
 
 def tfds_split_for_host(split: str, process_index: int, process_count: int) -> str:
