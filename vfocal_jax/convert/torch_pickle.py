@@ -25,6 +25,7 @@ import builtins
 import collections
 import io
 import logging
+import math
 import os
 import pickle
 import struct
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_MAX_TENSOR_BYTES = 64 * 2**30  # a stride-0 view of a small storage must not become a huge copy
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -173,6 +175,8 @@ def _strided_copy(flat: np.ndarray, offset: int, size: tuple, stride: tuple) -> 
     raise pickle.UnpicklingError(f"tensor size {size} and stride {stride} differ in length")
   if 0 in size:
     return np.zeros(size, flat.dtype)
+  if math.prod(size) * flat.itemsize > _MAX_TENSOR_BYTES:
+    raise pickle.UnpicklingError(f"tensor of shape {size} would take more than 64 GiB")
   last = offset + sum((n - 1) * s for n, s in zip(size, stride))
   if last >= flat.size:
     raise pickle.UnpicklingError(f"tensor view reads element {last} of a storage of {flat.size}")
