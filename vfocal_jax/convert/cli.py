@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vfocal_jax import params_io
@@ -38,6 +39,16 @@ def _config_model_kwargs(config: Any) -> dict[str, Any]:
   return dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
 
 
+def _create_model(model_kwargs: dict[str, Any]) -> Any:
+  """`create_model` with JSON/ConfigDict values normalised (lists -> tuples, dtype names)."""
+  from vfocal_jax.models import create_model  # pylint: disable=import-outside-toplevel
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model_kwargs.items()}
+  for key in ("dtype", "param_dtype"):
+    if isinstance(kwargs.get(key), str):
+      kwargs[key] = jnp.dtype(kwargs[key])
+  return create_model(**kwargs)
+
+
 def infer_model_kwargs(state_dict: Mapping[str, np.ndarray], *,
                        with_head: bool = True) -> dict[str, Any]:
   """Architecture fields that an official-layout state dict determines.
@@ -50,11 +61,10 @@ def infer_model_kwargs(state_dict: Mapping[str, np.ndarray], *,
   stem = state_dict.get("patch_embed.proj.weight")
   if stem is not None:
     out["embed_dim"] = int(stem.shape[0])
-    if stem.ndim == 5:
-      out["tubelet_size"] = int(stem.shape[2])
-    if stem.shape[-1] == 7:
-      out["use_conv_embed"] = True
-    else:
+    out["tubelet_size"] = int(stem.shape[2]) if stem.ndim == 5 else 1
+    out["use_conv_embed"] = stem.shape[-1] == 7 and "layers.0.downsample.proj.weight" in state_dict \
+        and state_dict["layers.0.downsample.proj.weight"].shape[-1] == 3
+    if not out["use_conv_embed"]:
       out["patch_size"] = int(stem.shape[-1])
   blocks: dict[int, set[int]] = {}
   levels: dict[int, set[int]] = {}
@@ -111,8 +121,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], *, model_kwargs: di
     `(variables, report)`; report is None for a complete load.
   """
   from vfocal_jax.convert import mapping  # pylint: disable=import-outside-toplevel
-  from vfocal_jax.models import create_model  # pylint: disable=import-outside-toplevel
-  model = create_model(**model_kwargs)
+  model = _create_model(model_kwargs)
   if imagenet:
     return mapping.init_from_imagenet(dict(state_dict), model, jax.random.key(seed))
   if allow_partial:
@@ -140,7 +149,6 @@ def _print_report(report: Any) -> None:
 
 def _to_torch(config: Any, to_torch: str, checkpoint: str | None, workdir: str | None) -> None:
   from vfocal_jax.convert.safetensors_io import flax_to_torch  # pylint: disable=import-outside-toplevel
-  from vfocal_jax.models import create_model  # pylint: disable=import-outside-toplevel
   if checkpoint:
     params, model_kwargs = params_io.load_params(checkpoint)
     source = checkpoint
@@ -156,7 +164,7 @@ def _to_torch(config: Any, to_torch: str, checkpoint: str | None, workdir: str |
   else:
     raise ValueError("convert --to_torch=FILE.safetensors needs --checkpoint=CONVERTED_DIR "
                      "(from `main.py convert --pth`) or --workdir=TRAINING_WORKDIR")
-  model = create_model(**model_kwargs)
+  model = _create_model(model_kwargs)
   tensors = flax_to_torch({"params": params}, model, to_torch,
                           metadata={"format": "pt", "source": os.path.abspath(source)})
   print(f"Wrote {len(tensors)} tensors ({sum(v.size for v in tensors.values()):,} parameters) "
