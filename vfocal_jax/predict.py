@@ -38,6 +38,7 @@ __all__ = ["LoadedModel", "load_model", "read_video_list", "read_class_names", "
            "make_predict_fn", "predict_videos", "write_csv", "run"]
 
 TOP_K = 5
+MAX_CLIPS_PER_CALL = 12  # Default batch: videos x views per jitted call.
 
 
 @dataclasses.dataclass
@@ -184,9 +185,12 @@ def make_predict_fn(model):
   return jax.jit(functools.partial(_probs, model=model))
 
 
-def predict_videos(loaded: LoadedModel, paths: Sequence[str], *, batch_size: int = 4,
+def predict_videos(loaded: LoadedModel, paths: Sequence[str], *, batch_size: int | None = None,
                    class_names: Sequence[str] | None = None) -> list[dict[str, Any]]:
   """Top-5 per video; unreadable videos come back with an `error` and no prediction.
+
+  `batch_size` videos (all their views) go through one call; default: as
+  many as keep a call at <= 12 clips (one 4 x 3 video).
 
   Returns:
     One dict per path, in order: `video`, `error` (None when predicted),
@@ -196,6 +200,9 @@ def predict_videos(loaded: LoadedModel, paths: Sequence[str], *, batch_size: int
   from vfocal_jax.input_pipeline import decode_video_file  # pylint: disable=import-outside-toplevel
   num_classes = int(loaded.model.num_classes)
   names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+  if not batch_size:
+    views_per_video = int(loaded.config.test_num_clips) * int(loaded.config.test_num_crops)
+    batch_size = max(1, MAX_CLIPS_PER_CALL // max(views_per_video, 1))
   fn = make_predict_fn(loaded.model)
   results: list[dict[str, Any]] = []
   pending: list[tuple[dict[str, Any], np.ndarray]] = []
@@ -263,7 +270,7 @@ def write_csv(results: Sequence[dict[str, Any]], path: str) -> str:
 
 def run(config: ml_collections.ConfigDict | None, *, workdir: str | None = None, checkpoint: str | None = None,
         videos: Sequence[str] | str | None = None, labels: str | None = None, output_csv: str | None = None,
-        batch_size: int = 4) -> list[dict[str, Any]]:
+        batch_size: int | None = None) -> list[dict[str, Any]]:
   """The `predict` command: prints the top-5 of each video and optionally writes a CSV."""
   if not videos:
     raise ValueError("predict needs --video=PATH[,PATH...] (or one .csv of paths).")
