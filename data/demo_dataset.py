@@ -1,6 +1,6 @@
 r"""A synthetic *motion* video dataset: the class is how a shape moves.
 
-    python -m data.demo_dataset --output_dir demo_data [--train_per_class 60] [--val_per_class 20]
+    python -m data.demo_dataset --output_dir demo_data [--train_per_class 100] [--val_per_class 25]
 
 Every video shows one random shape (triangle, bar, arrow, L or cross; random
 colour, size, position and orientation) over a random smooth texture, with
@@ -63,7 +63,7 @@ def _texture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
   top = c[y0][:, x0] * (1 - wx) + c[y0][:, x0 + 1] * wx
   bottom = c[y0 + 1][:, x0] * (1 - wx) + c[y0 + 1][:, x0 + 1] * wx
   tex = top * (1 - wy) + bottom * wy
-  contrast = rng.uniform(0.3, 0.8)
+  contrast = rng.uniform(0.2, 0.5)
   return (128 + (tex - 128) * contrast).astype(np.float32)
 
 
@@ -78,12 +78,12 @@ def render_video(label: int, rng: np.random.Generator, *, num_frames: int = 16, 
   if np.abs(colour - background.mean((0, 1))).max() < 80:
     colour = 255 - colour
   short = min(height, width)
-  size = rng.uniform(0.12, 0.2) * short          # half-extent in pixels
+  size = rng.uniform(0.16, 0.24) * short         # half-extent in pixels
   angle = rng.uniform(0, 2 * np.pi)
   centre = np.array([rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.7) * height], np.float32)
   drift = rng.uniform(-0.15, 0.15, size=2).astype(np.float32)   # small motion in every class
   speed = rng.uniform(1.0, 2.2) * short / 64     # px / frame for translations
-  spin = np.deg2rad(rng.uniform(4, 8))           # rad / frame; < 45 deg between sampled frames
+  spin = np.deg2rad(rng.uniform(6, 10))          # rad / frame; < 45 deg between sampled frames
   growth = rng.uniform(1.04, 1.07)               # factor / frame for size changes
   steps = num_frames - 1
   velocity = {"move_left": (-speed, 0), "move_right": (speed, 0), "move_up": (0, -speed),
@@ -124,13 +124,13 @@ def write_mp4(path: str, frames: np.ndarray, fps: int = 8) -> None:
       container.mux(packet)
 
 
-def build_demo_dataset(output_dir: str, *, train_per_class: int = 60, val_per_class: int = 20,
+def build_demo_dataset(output_dir: str, *, train_per_class: int = 100, val_per_class: int = 25,
                        num_frames: int = 16, height: int = 64, width: int = 80,
                        num_train_shards: int = 8, num_val_shards: int = 2, seed: int = 0,
                        workers: int = 2, progress: bool = False) -> dict:
   """Renders the videos, writes them as mp4 and shards them with `make_shards`.
 
-  Defaults: 8 classes x (60 train + 20 val) videos of 16 frames at 64x80.
+  Defaults: 8 classes x (100 train + 25 val) videos of 16 frames at 64x80.
   Finished shards are kept on a re-run (the writer resumes).
 
   Returns:
@@ -173,8 +173,8 @@ def build_demo_dataset(output_dir: str, *, train_per_class: int = 60, val_per_cl
 def main(argv: Sequence[str] | None = None) -> None:
   from absl import flags
   flags.DEFINE_string("output_dir", "demo_data", "Where videos and shards go.")
-  flags.DEFINE_integer("train_per_class", 60, "Training videos per class.")
-  flags.DEFINE_integer("val_per_class", 20, "Validation videos per class.")
+  flags.DEFINE_integer("train_per_class", 100, "Training videos per class.")
+  flags.DEFINE_integer("val_per_class", 25, "Validation videos per class.")
   flags.DEFINE_integer("num_frames", 16, "Frames per video.")
   flags.DEFINE_integer("height", 64, "Frame height.")
   flags.DEFINE_integer("width", 80, "Frame width.")

@@ -1,0 +1,119 @@
+r"""Input-pipeline throughput (a benchmark, not a test).
+
+    python benchmarks/bench_input_pipeline.py [--threads 1] [--seconds 10]
+
+Writes synthetic shards with 256 x 340 px JPEG frames (the K400 layout after
+`make_shards --short_side 256`), then measures, with `--threads` tf.data
+threads:
+  * the training pipeline at 8 x 224 x 224 (segment sampling, random resized
+    crop, flip, colour jitter, grayscale, normalise): clips/s;
+  * the ceiling: plain `tf.io.decode_jpeg` of the same frames, in frames/s,
+    divided by 8 -> clips/s; the ratio pipeline / ceiling is the figure of
+    merit (target >= 0.8; it can exceed 1 because the pipeline decodes only
+    the crop window);
+  * the evaluation pipeline with 4 clips x 3 crops (32 frames decoded per
+    video): videos/s.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from data import demo_dataset  # noqa: E402
+from vfocal_jax import input_pipeline as ip  # noqa: E402
+from vfocal_jax.input_pipeline import shard_format  # noqa: E402
+
+
+def write_shards(directory: str, num_videos: int, num_frames: int, height: int, width: int) -> list[bytes]:
+  """Synthetic motion videos (textured, noisy) as JPEG shards; returns all JPEG strings."""
+  rng = np.random.default_rng(0)
+  all_jpegs = []
+  per_shard = {}
+  writers = [tf.io.TFRecordWriter(os.path.join(directory, f"shard-{i:05d}-of-00004.tfrecord"))
+             for i in range(4)]
+  for v in range(num_videos):
+    label = v % len(demo_dataset.CLASS_NAMES)
+    frames = demo_dataset.render_video(label, rng, num_frames=num_frames, height=height, width=width,
+                                       noise=8.0)
+    jpegs = [tf.io.encode_jpeg(f, quality=90).numpy() for f in frames]
+    all_jpegs += jpegs
+    writers[v % 4].write(shard_format.make_sequence_example(jpegs, label).SerializeToString())
+    name = f"shard-{v % 4:05d}-of-00004.tfrecord"
+    per_shard[name] = per_shard.get(name, 0) + 1
+  for w in writers:
+    w.close()
+  import json
+  with open(os.path.join(directory, shard_format.INFO_FILENAME), "w") as f:
+    json.dump({"num_examples": num_videos, "num_classes": 8, "shards": per_shard}, f)
+  return all_jpegs
+
+
+def rate(iterator, count_fn, seconds: float, warmup: int = 3) -> float:
+  for _ in range(warmup):
+    next(iterator)
+  n, start = 0, time.perf_counter()
+  while time.perf_counter() - start < seconds:
+    n += count_fn(next(iterator))
+  return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--threads", type=int, default=1, help="tf.data threads (1 = per core)")
+  parser.add_argument("--seconds", type=float, default=10.0, help="measuring time per figure")
+  parser.add_argument("--num_videos", type=int, default=24)
+  parser.add_argument("--frames_per_video", type=int, default=64)
+  parser.add_argument("--batch_size", type=int, default=8)
+  args = parser.parse_args()
+  tf.config.set_visible_devices([], "GPU")
+
+  with tempfile.TemporaryDirectory() as tmp:
+    t0 = time.perf_counter()
+    jpegs = write_shards(tmp, args.num_videos, args.frames_per_video, 256, 340)
+    print(f"wrote {args.num_videos} videos x {args.frames_per_video} frames of 256x340 "
+          f"({np.mean([len(j) for j in jpegs]) / 1024:.1f} KiB/frame) in {time.perf_counter() - t0:.1f}s")
+
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = args.threads
+    options.threading.max_intra_op_parallelism = 1
+    raw = (tf.data.Dataset.from_tensor_slices(jpegs).repeat()
+           .map(lambda j: tf.io.decode_jpeg(j, channels=3), num_parallel_calls=args.threads)
+           .batch(64).prefetch(2).with_options(options))
+    frames_per_s = rate(iter(raw), lambda b: b.shape[0], args.seconds)
+    ceiling = frames_per_s / 8
+
+    cfg = ip.data_config_defaults()
+    cfg.train_shards = cfg.eval_shards = tmp
+    cfg.num_threads = args.threads
+    cfg.shuffle_buffer_size = 64
+    train = ip.create_train_iterator(cfg, batch_size=args.batch_size, seed=0, num_frames=8, image_size=224)
+    clips_per_s = rate(train, lambda b: b["video"].shape[0], args.seconds)
+
+    def eval_batches():
+      while True:
+        ev = ip.create_eval_iterator(cfg, batch_size=args.batch_size, num_frames=8, image_size=224,
+                                     num_clips=4, num_crops=3)
+        yield from ev
+
+    videos_per_s = rate(eval_batches(), lambda b: int(b["mask"].sum()), args.seconds, warmup=1)
+
+  per = "per core" if args.threads == 1 else f"with {args.threads} threads"
+  print(f"raw tf.io.decode_jpeg (256x340): {frames_per_s:8.1f} frames/s {per} -> ceiling "
+        f"{ceiling:.1f} clips/s of 8 frames")
+  print(f"train pipeline 8x224x224:        {clips_per_s:8.1f} clips/s {per}  "
+        f"ratio to ceiling {clips_per_s / ceiling:.2f}")
+  print(f"eval pipeline 4x3 views:         {videos_per_s:8.1f} videos/s {per} "
+        f"({12 * videos_per_s:.1f} views/s)")
+
+
+if __name__ == "__main__":
+  main()
