@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = default.get_config()
   config.dataset = "demo"
   config.demo_data_dir = ""            # '' = <workdir>/demo_data.
-  config.demo_dataset = ml_collections.ConfigDict(dict(train_per_class=60, val_per_class=20, seed=0))
+  config.demo_dataset = ml_collections.ConfigDict(dict(train_per_class=100, val_per_class=25, seed=0))
 
   config.num_frames = 8
   config.image_size = 32
@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.color_jitter_prob = 0.0
   config.data.grayscale_prob = 0.0
   config.data.eval_resize_ratio = 1.0
-  config.data.shuffle_buffer_size = 480
+  config.data.shuffle_buffer_size = 800
 
   config.batch_size = 16
   config.eval_batch_size = 32

@@ -87,11 +87,14 @@ def _class_names(config: ml_collections.ConfigDict) -> list[str] | None:
 
 
 def evaluate_params(config: ml_collections.ConfigDict, model, params: Any, mesh, *, num_clips: int, num_crops: int,
-                    batches: Iterable[dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
-  """Multi-view evaluation of ``params`` on the eval split of ``config.data``."""
+                    batches: Iterable[dict[str, np.ndarray]] | None = None, step_fn=None) -> dict[str, Any]:
+  """Multi-view evaluation of ``params`` on the eval split of ``config.data``.
+
+  ``step_fn`` (from ``make_eval_step``) can be passed to reuse one compiled step.
+  """
   num_classes = int(config.model.num_classes)
-  params_sharding = jax.tree.map(lambda x: x.sharding, params)
-  step_fn = make_eval_step(model, num_classes, mesh, params_sharding)
+  if step_fn is None:
+    step_fn = make_eval_step(model, num_classes, mesh, jax.tree.map(lambda x: x.sharding, params))
   if batches is None:
     batches = create_eval_iterator(config, num_clips, num_crops)
   with mesh:

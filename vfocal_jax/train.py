@@ -324,6 +324,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoi
   last_good = start
   results: dict[str, Any] = {}
   history: list[tuple[int, float]] = []
+  eval_step = evaluate.make_eval_step(trainer.model, trainer.num_classes, trainer.mesh, trainer.state_sharding.params)
   eval_every = max(int(round(config.eval_every_epochs * trainer.steps_per_epoch)), 1) if config.eval_every_epochs > 0 else 0
   try:
     with trainer.mesh:
@@ -361,7 +362,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoi
         metrics_for_ckpt = None
         if eval_now:
           res = evaluate.evaluate_params(config, trainer.model, state.params, trainer.mesh,
-                                         num_clips=config.eval_num_clips, num_crops=config.eval_num_crops)
+                                         num_clips=config.eval_num_clips, num_crops=config.eval_num_crops,
+                                         step_fn=eval_step)
           writer.write_scalars(step, {f"eval/{k}": v for k, v in res.items() if isinstance(v, float)})
           metrics_for_ckpt = {"top1": res["top1"]}
         if stop or is_last or eval_now or step % config.checkpoint_every_steps == 0:
@@ -373,7 +375,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoi
           return {"history": history, "preempted_at": step}
       logging.info("Training done: %d steps in %s.", total - start, _fmt_time(time.time() - t_start))
       results = evaluate.evaluate_params(config, trainer.model, state.params, trainer.mesh,
-                                         num_clips=config.test_num_clips, num_crops=config.test_num_crops)
+                                         num_clips=config.test_num_clips, num_crops=config.test_num_crops,
+                                         step_fn=eval_step)
       results["step"] = int(total)
       evaluate.write_results(workdir, results, config)
       writer.write_scalars(total, {f"test/{k}": v for k, v in results.items() if isinstance(v, float)})
