@@ -179,18 +179,54 @@ def test_crop_and_flip_shared_across_frames(shards):
   assert np.ptp(blue[:, 0, 0, 0]) > 5               # but different across clips
 
 
-def test_colour_jitter_and_grayscale_shared_across_frames():
+def _ref_jitter(x, mean_gray, b, c, s, theta, to_gray):
+  """Step by step in float64: brightness, contrast, saturation, YIQ hue rotation, grayscale."""
+  w = np.array([0.299, 0.587, 0.114])
+  x = x * b
+  m = b * mean_gray
+  x = (x - m) * c + m
+  g = (x @ w)[..., None]
+  x = g + (x - g) * s
+  yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+  q = x @ yiq.T
+  i, qq = q[..., 1].copy(), q[..., 2].copy()
+  q[..., 1] = np.cos(theta) * i - np.sin(theta) * qq
+  q[..., 2] = np.sin(theta) * i + np.cos(theta) * qq
+  x = q @ np.linalg.inv(yiq).T
+  if to_gray:
+    x = np.repeat((x @ w)[..., None], 3, -1)
+  return x
+
+
+@pytest.mark.parametrize("to_gray", [False, True])
+def test_colour_affine_matches_stepwise_reference(to_gray):
   from vfocal_jax.input_pipeline import transforms
-  image = tf.random.stateless_uniform([1, 8, 8, 3], [0, 1], 0, 255)
-  clip = tf.repeat(image, 4, axis=0)
-  for s in range(4):
+  rng = np.random.default_rng(0)
+  x = rng.uniform(0, 255, size=(3, 5, 6, 3))
+  mean_gray = (x @ np.array([0.299, 0.587, 0.114])).mean()
+  params = dict(b=1.3, c=0.7, s=1.2, theta=0.4)
+  a, off = transforms.color_affine(tf.constant(mean_gray, tf.float32), brightness=tf.constant(1.3),
+                                   contrast=tf.constant(0.7), saturation=tf.constant(1.2),
+                                   hue_angle=tf.constant(0.4), to_gray=tf.constant(to_gray))
+  w, c = transforms.affine_with_normalization(a, off, MEAN, STD)
+  got = transforms.apply_affine(tf.constant(x, tf.float32), w, c).numpy()
+  want = (_ref_jitter(x, mean_gray, **params, to_gray=to_gray) - MEAN) / STD
+  np.testing.assert_allclose(got, want, atol=1e-3)
+
+
+def test_colour_draws_are_shared_by_the_frames_and_off_means_identity():
+  from vfocal_jax.input_pipeline import transforms
+  same = tf.constant(100.0)
+  for s in range(5):
     seed = tf.constant([s, 9], tf.int64)
-    out = transforms.color_jitter(clip, prob=1.0, brightness=0.4, contrast=0.4, saturation=0.4,
-                                  hue=0.1, seed=seed).numpy()
-    assert np.abs(out - out[:1]).max() < 1e-3 and np.abs(out - clip.numpy()).max() > 1
-    gray = transforms.grayscale(clip, 1.0, seed).numpy()
-    ref = clip.numpy() @ np.array([0.299, 0.587, 0.114])
-    np.testing.assert_allclose(gray, np.repeat(ref[..., None], 3, -1), rtol=1e-5, atol=1e-3)
+    a, b = transforms.color_matrices(same, jitter_prob=1.0, brightness=0.4, contrast=0.4, saturation=0.4,
+                                     hue=0.1, grayscale_prob=0.5, seed=seed)
+    assert a.shape == (3, 3) and b.shape == (3,)      # one draw for the whole clip
+    assert not np.allclose(a.numpy(), np.eye(3), atol=1e-3)
+    a, b = transforms.color_matrices(same, jitter_prob=0.0, brightness=0.4, contrast=0.4,
+                                     saturation=0.4, hue=0.1, grayscale_prob=0.0, seed=seed)
+    np.testing.assert_allclose(a.numpy(), np.eye(3), atol=1e-6)
+    np.testing.assert_allclose(b.numpy(), 0, atol=1e-6)
 
 
 def test_same_seed_same_batches_and_checkpoint_resume(shards, tmp_path):

@@ -135,15 +135,16 @@ def _train_clip(ex: dict, seed: tf.Tensor, cfg, *, kind: str, num_frames: int,
   h0 = tf.clip_by_value(tf.cast(tf.round(tf.cast(box[2], tf.float64) * sy), tf.int32), 1, height - y0)
   w0 = tf.clip_by_value(tf.cast(tf.round(tf.cast(box[3], tf.float64) * sx), tf.int32), 1, width - x0)
   window = tf.stack([y0, x0, h0, w0])
-  video = _gather_frames(frames, idx, kind, num_frames, window)
-  video = transforms.resize(video, (image_size, image_size))
+  video = _gather_frames(frames, idx, kind, num_frames, window)     # uint8 crops
   fold = lambda k: tf.random.experimental.stateless_fold_in(seed, k)  # noqa: E731
-  video = transforms.flip(video, float(cfg.flip_prob), fold(3))
-  video = transforms.color_jitter(video, prob=float(cfg.color_jitter_prob), brightness=float(cfg.brightness),
-                                  contrast=float(cfg.contrast), saturation=float(cfg.saturation),
-                                  hue=float(cfg.hue), seed=fold(4))
-  video = transforms.grayscale(video, float(cfg.grayscale_prob), fold(5))
-  video = transforms.normalize(video, tuple(cfg.mean), tuple(cfg.std))
+  video = transforms.flip(video, float(cfg.flip_prob), fold(3))      # cheaper before the resize
+  a, b = transforms.color_matrices(
+      transforms.mean_gray(video), jitter_prob=float(cfg.color_jitter_prob),
+      brightness=float(cfg.brightness), contrast=float(cfg.contrast), saturation=float(cfg.saturation),
+      hue=float(cfg.hue), grayscale_prob=float(cfg.grayscale_prob), seed=fold(4))
+  w, c = transforms.affine_with_normalization(a, b, tuple(cfg.mean), tuple(cfg.std))
+  video = transforms.resize(video, (image_size, image_size))
+  video = transforms.apply_affine(video, w, c)
   return tf.ensure_shape(video, [num_frames, image_size, image_size, 3])
 
 
@@ -168,50 +169,74 @@ def _parse(raw: dict, source: str) -> dict:
   return {"frames": raw["frames"], "label": raw["label"]}
 
 
+_WINDOW = 16   # files of the last records each element remembers, to name skipped ones
+
+
 def _process_safely(ds: tf.data.Dataset, process, video_shape: list[int], *, source: str,
                     num_threads: int) -> tf.data.Dataset:
-  """Runs `process` on every (index, raw) element; failures become placeholders.
+  """Runs `process` on every (index, raw) element in parallel; failures disappear.
 
-  Output elements: `video`, `label`, `skipped` (records this element stands
-  for that were skipped: 0 for a good one) and `file`.
+  Each element first records the shard files of the last `_WINDOW` raw
+  elements (a cheap scan), then the heavy `process` runs in a parallel map
+  followed by `ignore_errors()`. A record that raises (corrupt proto or JPEG,
+  label out of range, no frames) leaves a gap in the indices that
+  `_count_and_drop_skipped` counts and names. End-of-file markers become
+  placeholders carrying the records lost to a truncated file.
   """
 
-  def one(index, raw):
-    def good_fn(r):
-      ex = _parse(r, source)
+  def remember(files, elem):
+    index, raw = elem
+    files = tf.concat([files[1:], [raw["file"]]], axis=0)
+    return files, (index, raw, files)
+
+  ds = ds.scan(tf.fill([_WINDOW], ""), remember)
+
+  def run(index, raw, files):
+    def good():
+      ex = _parse(raw, source)
       video, label = process(ex, index)
-      return {"video": video, "label": label, "skipped": tf.constant(0, tf.int64), "file": r["file"]}
+      return video, label
 
-    good = (tf.data.Dataset.from_tensors(raw).filter(lambda r: tf.logical_not(r["is_end"]))
-            .map(good_fn).ignore_errors())
-    placeholder = {
-        "video": tf.zeros([0] + video_shape[1:], tf.float32),
-        "label": tf.constant(-1, tf.int32),
-        "skipped": tf.where(raw["is_end"], raw["missing"], tf.constant(1, tf.int64)),
-        "file": raw["file"],
-    }
-    return good.concatenate(tf.data.Dataset.from_tensors(placeholder)).take(1)
+    def end_marker():
+      return tf.zeros(video_shape, tf.float32), tf.constant(-1, tf.int32)
 
-  return ds.interleave(one, cycle_length=num_threads, block_length=1, num_parallel_calls=num_threads,
-                       deterministic=True)
+    video, label = tf.cond(raw["is_end"], end_marker, good)
+    return {"video": video, "label": label, "index": index, "files": files,
+            "missing": raw["missing"], "is_end": raw["is_end"]}
+
+  ds = ds.map(run, num_parallel_calls=num_threads, deterministic=True)
+  return ds.ignore_errors()
 
 
 def _count_and_drop_skipped(ds: tf.data.Dataset, video_shape: list[int], log: bool) -> tf.data.Dataset:
-  """Cumulative skip count on every good element; bad ones are reported and dropped."""
+  """Cumulative skip count on every good element; end markers are dropped."""
 
-  def step(total, elem):
-    total = total + elem["skipped"]
+  def step(state, elem):
+    last_index, total = state
+    failed = elem["index"] - last_index - 1          # records that raised since the last survivor
+    skipped = failed + elem["missing"]
+    total = total + skipped
     if log:
       def report():
-        tf.print("vfocal_jax input pipeline: skipped", elem["skipped"],
-                 "unreadable record(s) (corrupt data or JPEG, bad label, no frames) of shard",
-                 elem["file"], "-", total, "so far on this host", output_stream=sys.stderr)
+        known = tf.cast(tf.minimum(failed, _WINDOW - 1), tf.int32)
+        names = elem["files"][_WINDOW - 1 - known:_WINDOW - 1]
+        tf.print("vfocal_jax input pipeline: skipped", failed,
+                 "unreadable record(s) (corrupt data or JPEG, bad label, no frames) from shard(s)",
+                 tf.strings.reduce_join(names, separator=", "), "-", total, "so far on this host",
+                 output_stream=sys.stderr)
         return tf.constant(0)
-      tf.cond(elem["skipped"] > 0, report, lambda: tf.constant(0))
-    return total, dict(elem, num_skipped=total)
 
-  ds = ds.scan(tf.constant(0, tf.int64), step)
-  ds = ds.filter(lambda e: tf.shape(e["video"])[0] > 0)
+      def report_missing():
+        tf.print("vfocal_jax input pipeline:", elem["missing"], "record(s) of shard", elem["files"][-1],
+                 "could not be read (truncated or corrupt file) -", total, "so far on this host",
+                 output_stream=sys.stderr)
+        return tf.constant(0)
+      tf.cond(elem["missing"] > 0, report_missing, lambda: tf.constant(0))
+      tf.cond(failed > 0, report, lambda: tf.constant(0))
+    return (elem["index"], total), dict(elem, num_skipped=total)
+
+  ds = ds.scan((tf.constant(-1, tf.int64), tf.constant(0, tf.int64)), step)
+  ds = ds.filter(lambda e: tf.logical_not(e["is_end"]))
   return ds.map(lambda e: {"video": tf.ensure_shape(e["video"], video_shape), "label": e["label"],
                            "num_skipped": e["num_skipped"]})
 
@@ -273,8 +298,7 @@ def _open_split(cfg, *, train: bool, seed: int, process_index: int, process_coun
     if per_host is None and need_counts:  # No split sizes in the metadata: count them.
       per_host = tuple(int(raw_for(p).reduce(0, lambda n, _: n + 1)) for p in range(process_count))
     raw = raw_for(process_index)
-    if repeat:
-      raw = raw.repeat()
+    raw = raw.repeat() if repeat else sources.with_final_marker(raw)
     total = sources.tfds_split_sizes(builder, [split])
     classes = getattr(label_feature, "num_classes", None)
     info = DatasetInfo(total[0] if total else None, _num_classes(cfg, classes), names)
@@ -443,7 +467,11 @@ class EvalIterator:
     return self.num_batches
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    return iter(self._dataset.as_numpy_iterator())
+    skipped = 0
+    for batch in self._dataset.as_numpy_iterator():
+      skipped = max(skipped, int(batch["num_skipped"]))   # padding-only batches carry -1
+      batch["num_skipped"] = np.asarray(skipped, np.int64)
+      yield batch
 
   def __next__(self) -> dict[str, np.ndarray]:
     if self._current is None:

@@ -212,3 +212,11 @@ def raw_tfds_dataset(builder, split: str, *, video_key: str, label_key: str, shu
             "missing": tf.constant(0, tf.int64), "is_end": tf.constant(False)}
 
   return ds.map(to_raw)
+
+
+def with_final_marker(raw: tf.data.Dataset) -> tf.data.Dataset:
+  """Appends an end marker so that failures at the very end of a finite stream are counted."""
+  spec = raw.element_spec
+  marker = {k: tf.zeros([0 if d is None else d for d in v.shape], v.dtype) for k, v in spec.items()}
+  marker.update(is_end=tf.constant(True), missing=tf.constant(0, tf.int64), file=tf.constant("end"))
+  return raw.concatenate(tf.data.Dataset.from_tensors(marker))

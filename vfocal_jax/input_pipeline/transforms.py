@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 _GRAY = (0.299, 0.587, 0.114)
@@ -61,57 +62,102 @@ def resize(video: tf.Tensor, size: tuple) -> tf.Tensor:
 
 
 def flip(video: tf.Tensor, prob: float, seed: tf.Tensor) -> tf.Tensor:
-  """Horizontal flip of every frame with probability `prob`."""
+  """Horizontal flip of every frame with probability `prob` (only computed when taken)."""
   if prob <= 0:
     return video
   coin = tf.random.stateless_uniform([], seed) < prob
-  return tf.where(coin, tf.reverse(video, axis=[-2]), video)
+  return tf.cond(coin, lambda: tf.reverse(video, axis=[-2]), lambda: video)
 
 
-def _gray(video: tf.Tensor) -> tf.Tensor:
-  return tf.reduce_sum(video * tf.constant(_GRAY, video.dtype), axis=-1, keepdims=True)
+# --- Colour: one affine map per clip, fused with the normalisation. ------------
+#
+# Brightness, contrast, saturation, hue and grayscale are all (nearly) linear in
+# RGB, so the whole chain is one 3x3 matrix plus a per-frame offset; with the
+# normalisation folded in, a clip costs one matmul on [R, G, B, 1] pixels
+# instead of a dozen full-size element-wise passes (TF:CPU runs those at ~1 ms
+# per 8x224x224x3 each). Differences from torchvision's ColorJitter: the
+# factors are shared by all frames, the order is fixed (brightness, contrast,
+# saturation, hue), hue is a rotation of the chroma plane in YIQ (instead of
+# an HSV shift), pixels are not clamped to 0..255 between steps, and contrast
+# blends towards the clip's mean luma (taken on a 1/4-strided grid) rather
+# than each frame's. With one offset per clip the map runs as MatMul +
+# BiasAdd, which grappler fuses into one oneDNN op.
+
+_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_GRAY_ROW = np.array(_GRAY)
 
 
-def color_jitter(video: tf.Tensor, *, prob: float, brightness: float, contrast: float,
-                 saturation: float, hue: float, seed: tf.Tensor) -> tf.Tensor:
-  """torchvision-style ColorJitter with one set of factors for the clip.
+def _constant(x) -> tf.Tensor:
+  return tf.constant(np.asarray(x, np.float32))
 
-  Applied with probability `prob`, in the order brightness, contrast,
-  saturation, hue (torchvision draws a random order; the official pipeline
-  also draws new factors per frame, which makes motion flicker; here the
-  whole clip shares them). Pixels 0..255 float, clipped after each step.
+
+def color_affine(mean_gray: tf.Tensor, *, brightness: tf.Tensor, contrast: tf.Tensor,
+                 saturation: tf.Tensor, hue_angle: tf.Tensor,
+                 to_gray: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """The affine map of given jitter factors: out = pixel @ A^T + b.
+
+  Args:
+    mean_gray: scalar mean luma of the clip (0..255), for the contrast step.
+    brightness, contrast, saturation: factors (1 = unchanged).
+    hue_angle: rotation of the YIQ chroma plane, radians.
+    to_gray: bool, replace the result by its luma.
+  Returns:
+    A (3, 3) and b (3,), float32.
   """
-  if prob <= 0:
-    return video
-  u = tf.random.stateless_uniform([5], seed, 0.0, 1.0)
+  eye = tf.eye(3)
+  gray = _constant(np.outer(np.ones(3), _GRAY_ROW))          # x -> luma in every channel
+  yiq, yiq_inv = _constant(_YIQ), _constant(np.linalg.inv(_YIQ))
+  cos, sin = tf.cos(hue_angle), tf.sin(hue_angle)
+  zero, one = tf.zeros_like(cos), tf.ones_like(cos)
+  rot = tf.stack([tf.stack([one, zero, zero]), tf.stack([zero, cos, -sin]), tf.stack([zero, sin, cos])])
+  sat_m = saturation * eye + (1.0 - saturation) * gray
+  a = yiq_inv @ rot @ yiq @ sat_m * (contrast * brightness)
+  # Contrast blends with the mean luma after brightness; gray vectors are fixed
+  # points of the saturation and hue maps, so that offset passes through them.
+  offset = (1.0 - contrast) * brightness * tf.cast(mean_gray, tf.float32) * tf.ones([3])
+  a = tf.where(to_gray, gray @ a, a)
+  offset = tf.where(to_gray, tf.linalg.matvec(gray, offset), offset)
+  return a, offset
+
+
+def color_matrices(mean_gray: tf.Tensor, *, jitter_prob: float, brightness: float, contrast: float,
+                   saturation: float, hue: float, grayscale_prob: float,
+                   seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """Random jitter (probability `jitter_prob`) then grayscale (`grayscale_prob`), one draw per clip.
+
+  Factors as torchvision: brightness/contrast/saturation in [1 - x, 1 + x],
+  hue shift in [-hue, hue] of a full turn. Returns A (3, 3) and b (3,).
+  """
+  u = tf.random.stateless_uniform([6], seed, 0.0, 1.0)
+  jitter = u[4] < jitter_prob
 
   def factor(x, amount):
-    return 1.0 + amount * (2.0 * x - 1.0) if amount > 0 else None
+    return tf.where(jitter, 1.0 + amount * (2.0 * x - 1.0), 1.0)
 
-  out = video
-  b = factor(u[0], brightness)
-  if b is not None:
-    out = tf.clip_by_value(out * b, 0.0, 255.0)
-  c = factor(u[1], contrast)
-  if c is not None:
-    mean = tf.reduce_mean(_gray(out), axis=[-3, -2, -1], keepdims=True)
-    out = tf.clip_by_value((out - mean) * c + mean, 0.0, 255.0)
-  s = factor(u[2], saturation)
-  if s is not None:
-    g = _gray(out)
-    out = tf.clip_by_value((out - g) * s + g, 0.0, 255.0)
-  if hue > 0:
-    out = tf.image.adjust_hue(out / 255.0, hue * (2.0 * u[3] - 1.0)) * 255.0
-    out = tf.clip_by_value(out, 0.0, 255.0)
-  return tf.where(u[4] < prob, out, video)
+  return color_affine(mean_gray, brightness=factor(u[0], brightness), contrast=factor(u[1], contrast),
+                      saturation=factor(u[2], saturation),
+                      hue_angle=tf.where(jitter, (2.0 * u[3] - 1.0) * hue * 2.0 * math.pi, 0.0),
+                      to_gray=u[5] < grayscale_prob)
 
 
-def grayscale(video: tf.Tensor, prob: float, seed: tf.Tensor) -> tf.Tensor:
-  """Replace every frame by its luma (3 equal channels) with probability `prob`."""
-  if prob <= 0:
-    return video
-  coin = tf.random.stateless_uniform([], seed) < prob
-  return tf.where(coin, tf.broadcast_to(_gray(video), tf.shape(video)), video)
+def mean_gray(video: tf.Tensor) -> tf.Tensor:
+  """Mean luma of a clip (T, H, W, 3), on a 1/4-strided grid."""
+  small = tf.cast(video[:, ::4, ::4], tf.float32)
+  return tf.reduce_mean(tf.reduce_sum(small * _constant(_GRAY_ROW), axis=-1))
+
+
+def affine_with_normalization(a: tf.Tensor, b: tf.Tensor, mean: Sequence[float],
+                              std: Sequence[float]) -> tuple[tf.Tensor, tf.Tensor]:
+  """(W (3, 3), c (3,)) with x @ W + c = ((A x + b) - mean) / std for pixels x."""
+  inv_std = 1.0 / _constant(std)
+  return tf.transpose(a) * inv_std, (b - _constant(mean)) * inv_std
+
+
+def apply_affine(video: tf.Tensor, w: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
+  """x @ w + c for every pixel of float (..., 3) frames, as one fused MatMul + BiasAdd."""
+  shape = tf.shape(video)
+  out = tf.nn.bias_add(tf.matmul(tf.reshape(video, [-1, 3]), w), c)
+  return tf.reshape(out, shape)
 
 
 def normalize(video: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
@@ -154,4 +200,5 @@ def eval_views(frames: tf.Tensor, *, num_clips: int, num_frames: int, image_size
   views = tf.reshape(views, [num_clips, num_frames, num_crops, image_size, image_size, 3])
   views = tf.transpose(views, [0, 2, 1, 3, 4, 5])
   views = tf.reshape(views, [num_clips * num_crops, num_frames, image_size, image_size, 3])
-  return normalize(views, mean, std)
+  w, c = affine_with_normalization(tf.eye(3), tf.zeros([3]), mean, std)
+  return apply_affine(views, w, c)
