@@ -529,8 +529,15 @@ def eval_views_from_frames(frames: np.ndarray, *, num_frames: int, image_size: i
   """
   from vfocal_jax.input_pipeline.config import data_config_defaults
   cfg = data_cfg if data_cfg is not None else data_config_defaults()
-  frames = tf.convert_to_tensor(np.asarray(frames, np.uint8))
-  seed_t = tf.constant([seed, 0], tf.int64)
-  views = _eval_clip({"frames": frames}, seed_t, cfg, kind="decoded", num_frames=num_frames,
-                     image_size=image_size, num_clips=num_clips, num_crops=num_crops)
+  frames = np.asarray(frames)
+  if frames.ndim != 4 or frames.shape[0] == 0 or frames.shape[-1] != 3:
+    raise ValueError(f"Expected frames (N>0, H, W, 3), got {frames.shape}.")
+  # Sample first, then hand TF only the frames used (a long video can be GBs).
+  idx = sampling.eval_indices(tf.constant(frames.shape[0]), num_frames, sampling=cfg.sampling,
+                              interval=int(cfg.frame_interval), num_clips=num_clips,
+                              clip_offsets=cfg.eval_clip_offsets, seed=tf.constant([seed, 0], tf.int64))
+  picked = tf.convert_to_tensor(frames[idx.numpy().reshape(-1)].astype(np.uint8))
+  views = transforms.eval_views(picked, num_clips=num_clips, num_frames=num_frames, image_size=image_size,
+                                num_crops=num_crops, resize_ratio=float(cfg.eval_resize_ratio),
+                                mean=tuple(cfg.mean), std=tuple(cfg.std))
   return views.numpy()
