@@ -194,11 +194,9 @@ def eval_views(frames: tf.Tensor, *, num_clips: int, num_frames: int, image_size
   h, w = short_side_size(shape[1], shape[2], short)
   resized = resize(frames, (h, w))
   offsets = eval_crop_offsets(h, w, image_size, num_crops)
-  crops = [resized[:, offsets[i, 0]:offsets[i, 0] + image_size, offsets[i, 1]:offsets[i, 1] + image_size]
-           for i in range(num_crops)]
-  views = tf.stack(crops, axis=1)                     # (K*T, C, S, S, 3)
-  views = tf.reshape(views, [num_clips, num_frames, num_crops, image_size, image_size, 3])
-  views = tf.transpose(views, [0, 2, 1, 3, 4, 5])
-  views = tf.reshape(views, [num_clips * num_crops, num_frames, image_size, image_size, 3])
+  views = tf.stack([  # view v = clip * num_crops + crop, one copy
+      resized[k * num_frames:(k + 1) * num_frames, offsets[i, 0]:offsets[i, 0] + image_size,
+              offsets[i, 1]:offsets[i, 1] + image_size]
+      for k in range(num_clips) for i in range(num_crops)])
   w, c = affine_with_normalization(tf.eye(3), tf.zeros([3]), mean, std)
   return apply_affine(views, w, c)
