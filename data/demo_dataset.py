@@ -171,7 +171,7 @@ def build_demo_dataset(output_dir: str, *, train_per_class: int = 100, val_per_c
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  from absl import flags
+  from absl import app, flags
   flags.DEFINE_string("output_dir", "demo_data", "Where videos and shards go.")
   flags.DEFINE_integer("train_per_class", 100, "Training videos per class.")
   flags.DEFINE_integer("val_per_class", 25, "Validation videos per class.")
@@ -180,12 +180,15 @@ def main(argv: Sequence[str] | None = None) -> None:
   flags.DEFINE_integer("width", 80, "Frame width.")
   flags.DEFINE_integer("seed", 0, "Random seed.")
   flags.DEFINE_integer("workers", 2, "Shard-writing processes.")
-  flags.FLAGS(list(argv or sys.argv))
-  f = flags.FLAGS
-  out = build_demo_dataset(f.output_dir, train_per_class=f.train_per_class,
-                           val_per_class=f.val_per_class, num_frames=f.num_frames, height=f.height,
-                           width=f.width, seed=f.seed, workers=f.workers, progress=True)
-  print(f"train: {out['train_dir']}  val: {out['val_dir']}  labels: {out['label_map']}")
+
+  def run(_):
+    f = flags.FLAGS
+    out = build_demo_dataset(f.output_dir, train_per_class=f.train_per_class,
+                             val_per_class=f.val_per_class, num_frames=f.num_frames, height=f.height,
+                             width=f.width, seed=f.seed, workers=f.workers, progress=True)
+    print(f"train: {out['train_dir']}  val: {out['val_dir']}  labels: {out['label_map']}")
+
+  app.run(run, argv=list(argv) if argv else None)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ Each video is decoded with PyAV (FFmpeg), resized so its short side has
 * A video that cannot be read (or has an unknown label) is listed with the
   reason in `failed_videos.txt`; the run goes on and says how many failed.
 * Re-running resumes: a shard is written to a temporary name and renamed when
-  complete, so finished shards are kept and only missing ones are written.
+  complete, so finished shards are kept and only missing ones are written
+  (a shard whose videos or settings changed is written again).
 * `dataset_info.json` records the per-shard counts (the eval pipeline uses
   them to pad every host to the same number of batches) and the class names.
 """
@@ -31,8 +32,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TensorFlow is imported.
 # Runs as `python -m data.make_shards` from the repository root.
-from vfocal_jax.input_pipeline import shard_format
+from vfocal_jax.input_pipeline import shard_format  # noqa: E402
 
 REPORT_FILENAME = "failed_videos.txt"
 
@@ -130,7 +132,7 @@ def _encode_jpegs(frames: np.ndarray, quality: int) -> list[bytes]:
 
 
 def write_shard(output_path: str, entries: Sequence[VideoEntry], *, short_side: int | None,
-                max_fps: float | None, jpeg_quality: int,
+                max_fps: float | None, jpeg_quality: int, fingerprint: str = "",
                 decode_fn: Callable[..., np.ndarray] | None = None) -> dict:
   """Writes one shard atomically; returns its stats (count, failed videos).
 
@@ -165,12 +167,27 @@ def write_shard(output_path: str, entries: Sequence[VideoEntry], *, short_side: 
       count += 1
       num_frames += len(frames)
   stats = {"shard": os.path.basename(output_path), "num_examples": count,
-           "num_frames": num_frames, "failed": failed}
+           "num_frames": num_frames, "failed": failed, "fingerprint": fingerprint}
   os.replace(tmp_path, output_path)
   with open(output_path + ".json.tmp", "w") as f:
     json.dump(stats, f)
   os.replace(output_path + ".json.tmp", output_path + ".json")
   return stats
+
+
+def _fingerprint(entries: Sequence[VideoEntry], settings: dict) -> str:
+  """Identifies a shard's content: its videos, labels and the writer settings."""
+  import hashlib
+  text = json.dumps([[e.path, e.label] for e in entries] + [sorted(settings.items())])
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _read_json(path: str) -> dict | None:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
 
 
 def _write_shard_job(args: tuple) -> dict:
@@ -216,11 +233,12 @@ def make_shards(csv: str, output_dir: str, num_shards: int, *, video_root: str |
   jobs, stats = [], {}
   for i, shard_entries in enumerate(shards):
     path = os.path.join(output_dir, shard_name(i, num_shards))
-    if os.path.exists(path) and os.path.exists(path + ".json"):
-      with open(path + ".json") as f:
-        stats[i] = json.load(f)  # Finished by an earlier run: keep it.
+    fingerprint = _fingerprint(shard_entries, kwargs)
+    done = _read_json(path + ".json") if os.path.exists(path) else None
+    if done is not None and done.get("fingerprint") == fingerprint:
+      stats[i] = done  # Finished by an earlier run with the same videos and settings: keep it.
     else:
-      jobs.append((i, (path, shard_entries, kwargs)))
+      jobs.append((i, (path, shard_entries, dict(kwargs, fingerprint=fingerprint))))
 
   bar = _progress_bar(total=len(entries), initial=sum(len(shards[i]) for i in stats),
                       enabled=progress)
@@ -276,7 +294,7 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  from absl import flags
+  from absl import app, flags
   flags.DEFINE_string("csv", None, "CSV of `path,label` lines.", required=True)
   flags.DEFINE_string("video_root", None, "Directory the CSV paths are relative to.")
   flags.DEFINE_string("output_dir", None, "Where the shards go.", required=True)
@@ -287,12 +305,15 @@ def main(argv: Sequence[str] | None = None) -> None:
   flags.DEFINE_integer("workers", max(1, (os.cpu_count() or 1)), "Parallel processes.")
   flags.DEFINE_string("label_map", None, "Existing labels.txt to reuse (e.g. train's for val).")
   flags.DEFINE_integer("shuffle_seed", 0, "Seed of the video -> shard assignment.")
-  flags.FLAGS(list(argv or sys.argv))
-  f = flags.FLAGS
-  make_shards(f.csv, f.output_dir, f.num_shards, video_root=f.video_root,
-              short_side=f.short_side or None, max_fps=f.max_fps or None,
-              jpeg_quality=f.jpeg_quality, workers=f.workers, label_map=f.label_map,
-              shuffle_seed=f.shuffle_seed)
+
+  def run(_):
+    f = flags.FLAGS
+    make_shards(f.csv, f.output_dir, f.num_shards, video_root=f.video_root,
+                short_side=f.short_side or None, max_fps=f.max_fps or None,
+                jpeg_quality=f.jpeg_quality, workers=f.workers, label_map=f.label_map,
+                shuffle_seed=f.shuffle_seed)
+
+  app.run(run, argv=list(argv) if argv else None)
 
 
 if __name__ == "__main__":

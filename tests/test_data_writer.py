@@ -91,6 +91,10 @@ def test_writer_roundtrip_labels_report_and_resume(videos, tmp_path):
   assert [os.stat(p).st_mtime_ns for p in others] == mtimes
   assert shard1.exists() and again["shards"] == info["shards"]
   assert sorted(_read_shards(out)) == sorted(records)
+  # Other settings: nothing is kept.
+  make_shards.make_shards(str(videos / "train.csv"), str(out), 3, video_root=str(videos),
+                          short_side=None, jpeg_quality=80, workers=1, progress=False)
+  assert all(os.stat(p).st_mtime_ns != m for p, m in zip(others, mtimes))
 
 
 def test_writer_reuses_label_map_and_reports_unknown_labels(videos, tmp_path):
