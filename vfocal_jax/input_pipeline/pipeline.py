@@ -7,11 +7,11 @@ skip-and-count bad records -> batch -> prefetch. NumPy comes out; nothing
 here knows the model or JAX.
 
 A bad record (corrupt proto or JPEG, label out of range, no frames) must not
-stop training: each record is processed inside a one-element dataset with
-`ignore_errors()`, followed by a placeholder that only appears when the
-record failed. A `scan` adds the placeholders up (plus records lost to a
-truncated file, from the per-file end markers) into the cumulative
-`num_skipped` of the batches, prints a line naming the shard, and drops them.
+stop training: the parallel map is followed by `ignore_errors()`, records
+are numbered before it, and a `scan` after it turns gaps in the numbering
+(plus records lost to a truncated file, reported by per-file end markers)
+into the cumulative `num_skipped` of the batches and a stderr line naming
+the shard (each record carries the shard names of the last 16 records).
 """
 from __future__ import annotations
 
