@@ -1,0 +1,56 @@
+"""Params and MACs of the summary against hand counts and the published figures."""
+import pytest
+
+from vfocal_jax import summary
+if not hasattr(pytest.importorskip("vfocal_jax.models"), "create_model"):
+  pytest.skip("vfocal_jax.models.create_model has not landed yet", allow_module_level=True)
+
+
+def hand_macs(embed_dim, depths, focal_levels, focal_windows, num_frames, image_size,
+              tubelet_size, num_classes, mlp_ratio=4.0, patch_size=4):
+  """Multiply-accumulates of one view, from the architecture (DESIGN.md §2), not the code.
+
+  Per token of a stage with C channels and focal kernels k_l = 2 l + w:
+  f: C(2C+L+1); depthwise k_l x k_l: C k_l^2 each; h: C^2; f_temporal: C(C+L+1);
+  dense temporal conv k_l: C^2 k_l each; h_temporal: C^2; proj: C^2; MLP: 2 C (r C).
+  Convolutions count all kernel taps (zero padding included), as thop/fvcore.
+  """
+  frames = num_frames // tubelet_size
+  side, c = image_size // patch_size, embed_dim
+  total = frames * side * side * c * (3 * patch_size * patch_size * tubelet_size)  # stem
+  for i, depth in enumerate(depths):
+    lvl = focal_levels[i]
+    ks = [2 * l + focal_windows[i] for l in range(lvl)]
+    per_token = (c * (2 * c + lvl + 1) + c * sum(k * k for k in ks) + c * c
+                 + c * (c + lvl + 1) + c * c * sum(ks) + c * c + c * c
+                 + 2 * int(mlp_ratio * c) * c)
+    total += depth * frames * side * side * per_token
+    if i < len(depths) - 1:  # downsample: 2x2 conv, C -> 2C
+      total += frames * (side // 2) ** 2 * (2 * c) * (c * 4)
+      side, c = side // 2, 2 * c
+  return total + c * num_classes  # head (after pooling)
+
+
+@pytest.mark.parametrize("tubelet", [1, 2])
+def test_tiny_config_macs_match_hand_count(tubelet):
+  cfg = dict(variant="custom", embed_dim=8, depths=(1, 1, 2, 1), focal_levels=(2, 2, 3, 1),
+             focal_windows=(3, 3, 1, 5), num_frames=4, tubelet_size=tubelet, num_classes=5)
+  s = summary.summarize(cfg, num_frames=4, image_size=64)
+  want = hand_macs(8, (1, 1, 2, 1), (2, 2, 3, 1), (3, 3, 1, 5), 4, 64, tubelet, 5)
+  assert s["macs"] == want
+
+
+def test_xla_cost_analysis_is_reported_for_a_tiny_model():
+  cfg = dict(variant="custom", embed_dim=8, depths=(1, 1, 1, 1), num_frames=2, num_classes=3)
+  s = summary.summarize(cfg, num_frames=2, image_size=32, with_xla=True)
+  assert s["xla_gflops"] is None or s["xla_gflops"] > 0
+
+
+@pytest.mark.parametrize("variant,params,gmacs", [
+    ("tiny", 49_553_272, 63.1), ("small", 88_735_168, 124.5), ("base", 157_389_216, 220.9)])
+def test_published_params_and_gmacs(variant, params, gmacs):
+  s = summary.summarize({"variant": variant, "num_classes": 400}, num_frames=8, image_size=224)
+  assert s["params"] == params
+  assert abs(s["gmacs"] - gmacs) / gmacs < 0.02
+  # The released get_flops.py (thop) adds LayerNorms and the pool: it matches to 0.1%.
+  assert abs(s["thop_gmacs"] - gmacs) / gmacs < 0.001
