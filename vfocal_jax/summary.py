@@ -188,6 +188,10 @@ def summarize(model_config: Any, num_frames: int | None = None, image_size: int 
   return out
 
 
+def _fmt(value: float) -> str:
+  return f"{value:.2f}" if value >= 1 else f"{value:.4f}"
+
+
 def print_summary(model_config: Any, num_frames: int | None = None,
                   image_size: int | None = None) -> dict[str, Any]:
   """Prints params and GMACs per view of `create_model(**model_config)`; returns the figures."""
@@ -196,14 +200,15 @@ def print_summary(model_config: Any, num_frames: int | None = None,
   _, t, h, w, _ = s["video_shape"]
   print(f"Video-FocalNet {kwargs.get('variant', 'tiny')} "
         f"({', '.join(f'{k}={v}' for k, v in kwargs.items() if k != 'variant') or 'defaults'})")
-  print(f"  view:                          {t} x {h} x {w} x 3 (batch 1)")
+  print(f"  view:                          {t} x {h} x {w} x 3 (batch 1; traced in float32, "
+        "depthwise_impl='xla')")
   print(f"  parameters:                    {s['params']:,}")
-  print(f"  GMACs (matmul + conv):         {s['gmacs']:.2f}   "
+  print(f"  GMACs (matmul + conv):         {_fmt(s['gmacs'])}   "
         "<- multiply-accumulates of dot_general/conv in the jaxpr, full kernel taps")
-  print(f"  GMACs (thop, as get_flops.py): {s['thop_gmacs']:.2f}   "
+  print(f"  GMACs (thop, as get_flops.py): {_fmt(s['thop_gmacs'])}   "
         "<- + LayerNorm 4/elem + final pool: the paper's 'GFLOPs' convention")
   if s.get("xla_gflops") is not None:
-    print(f"  XLA cost_analysis GFLOPs:      {s['xla_gflops']:.2f}   "
+    print(f"  XLA cost_analysis GFLOPs:      {_fmt(s['xla_gflops'])}   "
           "<- compiled forward, 2 per MAC, skips padded taps, counts element-wise work (erf GELU)")
   return s
 
