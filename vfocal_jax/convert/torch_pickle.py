@@ -294,8 +294,15 @@ def _copyreg_newobj(cls, *args):
   return cls.__new__(cls, *args)
 
 
-_SAFE_BUILTINS = ("set", "frozenset", "slice", "complex", "bytearray", "bytes", "range", "int",
-                  "float", "str", "bool", "list", "dict", "tuple")
+_SAFE_BUILTINS = ("set", "frozenset", "slice", "complex", "range", "list", "dict", "tuple")
+
+
+def _bytearray(data=b"", *args):
+  """`bytearray(b'...')` as protocol 2 pickles it; never `bytearray(huge_int)`."""
+  if isinstance(data, int):
+    raise pickle.UnpicklingError("bytearray(int) is not rebuilt")
+  return bytearray(data, *args)
+
 
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
@@ -317,6 +324,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy._core.multiarray", "_reconstruct"): _NumpyArray,
 }
 _ALLOWED.update({("builtins", n): getattr(builtins, n) for n in _SAFE_BUILTINS})
+_ALLOWED[("builtins", "bytearray")] = _bytearray
 _PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}  # protocol-2 pickles use these
 _ALLOWED.update({("torch", n): _StorageType(n, d) for n, d in _STORAGE_DTYPES.items()})
 _ALLOWED.update({("torch", n): _TorchDtype(n, d) for n, d in _TORCH_DTYPES.items()})
@@ -423,6 +431,8 @@ def _read_legacy(path: str) -> Any:
     obj = body.load()
     keys = _RestrictedUnpickler(f, None).load()
     for key in keys:
+      if str(key) not in requested:
+        raise pickle.UnpicklingError(f"storage {key!r} on disk but not referenced by the pickle")
       dtype, numel = requested[str(key)]
       (count,) = struct.unpack("<q" if little else ">q", f.read(8))
       if count != numel:
