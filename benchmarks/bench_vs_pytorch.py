@@ -119,6 +119,7 @@ def main() -> None:
   from vfocal_jax.models import create_model  # pylint: disable=import-outside-toplevel
 
   torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+  load_before = os.getloadavg()
   sampler = RssSampler()
   num_classes = 400
   model = create_model(args.variant, num_classes=num_classes, num_frames=args.frames,
@@ -233,6 +234,8 @@ def main() -> None:
         f"(shared with other work while measured); jax {jax.__version__} ({jax.default_backend()}), "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads); "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print(f"load average (1 min) before / after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f} "
+        "(above ~0 means other work shared the cores; PyTorch's OpenMP barriers suffer most)")
   print(f"logits max |jax - torch| = {diff:.2e} (max |logit| {scale:.2f}); "
         f"compile: forward {compile_fwd:.1f} s, train step {compile_train:.1f} s")
   print(f"forward MACs {macs / 1e9:.2f} G (matmul + conv); peak: {how}\n")
