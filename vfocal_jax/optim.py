@@ -13,6 +13,9 @@ module reproduces:
 * it clips the gradient's global norm (5.0) before an SGD step with Nesterov
   momentum 0.9.
 
+(The released loop calls ``step_update`` after each optimizer step, so its
+update k uses the schedule at k - 1; here update k uses step k.)
+
 Its optimizer builder puts every parameter into the no-weight-decay group, so
 the configured weight decay (1e-4) is never applied. ``weight_decay_quirk=True``
 (the official recipes' setting) reproduces that; ``False`` applies the decay to
