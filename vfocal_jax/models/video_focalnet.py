@@ -303,4 +303,4 @@ class VideoFocalNet(nn.Module):
     x = layer_norm("norm", self.dtype)(x)
     x = x.mean(axis=(1, 2)).reshape(b, frames, dim).mean(axis=1)
     logits = dense(self.num_classes, "head", self.dtype, self.param_dtype)(x)
-    return logits.astype(jnp.float32)
+    return logits.astype(jnp.promote_types(self.dtype, jnp.float32))  # bf16 compute -> f32 logits

@@ -1,0 +1,192 @@
+"""Flax VideoFocalNet vs an independent PyTorch forward (benchmarks/torch_video_focalnet.py), every parameter random."""
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+torch = pytest.importorskip("torch")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import torch_video_focalnet as tvf  # noqa: E402
+from vfocal_jax.convert.mapping import (  # noqa: E402
+    CheckpointMismatchError, flax_to_torch_state_dict, init_from_imagenet, torch_key, torch_to_flax)
+from vfocal_jax.models import DESIGNS, create_model  # noqa: E402
+
+FRAMES, SIZE = 4, 32
+ARCH = dict(embed_dim=8, depths=(1, 1, 2, 1), num_classes=5)
+OPTIONS = {
+    "plain": {},
+    "postln_layerscale": dict(use_postln=True, use_layerscale=True, layerscale_value=0.5),
+    "modulation_options": dict(use_postln_in_modulation=True, normalize_modulator=True),
+}
+
+
+def _pair(tubelet, options, seed=0):
+  torch.manual_seed(seed)
+  ref = tvf.randomize_(tvf.VideoFocalNet(num_frames=FRAMES, tubelet_size=tubelet, drop_path_rate=0.0,
+                                         **ARCH, **options), seed=seed).eval()
+  sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+  model = create_model("custom", num_frames=FRAMES, tubelet_size=tubelet, **ARCH, **options)
+  return ref, sd, model
+
+
+def _video(seed=0):
+  return np.random.default_rng(seed).normal(size=(2, FRAMES, SIZE, SIZE, 3))
+
+
+@pytest.mark.parametrize("tubelet", [1, 2])
+@pytest.mark.parametrize("options", list(OPTIONS))
+def test_float64_parity_with_pytorch(tubelet, options):
+  ref, sd, model = _pair(tubelet, OPTIONS[options])
+  video = _video()
+  with torch.no_grad():
+    expected = ref.double()(torch.from_numpy(video).permute(0, 1, 4, 2, 3)).numpy()
+  with jax.enable_x64(True):
+    model64 = model.clone(dtype=jnp.float64, param_dtype=jnp.float64)
+    variables = torch_to_flax({k: v.astype(np.float64) for k, v in sd.items()}, model64)
+    got = np.asarray(model64.apply(variables, jnp.asarray(video)))
+  assert np.abs(expected).max() > 0.1  # every branch moves the logits
+  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("tubelet", [1, 2])
+@pytest.mark.parametrize("impl", ["xla", "shift"])
+def test_float32_parity_with_pytorch(tubelet, impl):
+  ref, sd, model = _pair(tubelet, {}, seed=3)
+  video = _video(1).astype(np.float32)
+  with torch.no_grad():
+    expected = ref(torch.from_numpy(video).permute(0, 1, 4, 2, 3)).numpy()
+  model = model.clone(depthwise_impl=impl)
+  got = np.asarray(model.apply(torch_to_flax(sd, model), jnp.asarray(video)))
+  np.testing.assert_allclose(got, expected, rtol=0, atol=5e-5)
+
+
+def test_round_trip_is_bit_exact():
+  _, sd, model = _pair(2, OPTIONS["postln_layerscale"])
+  back = flax_to_torch_state_dict(torch_to_flax(sd, model), model)
+  assert set(back) == set(sd)
+  for key, value in sd.items():
+    np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+
+def test_mismatched_state_dict_lists_every_key():
+  _, sd, model = _pair(1, {})
+  sd = dict(sd)
+  del sd["layers.0.blocks.0.modulation.f.weight"]
+  sd["extra.weight"] = np.zeros(3, np.float32)
+  sd["head.weight"] = np.zeros((7, 64), np.float32)
+  with pytest.raises(CheckpointMismatchError) as err:
+    torch_to_flax(sd, model)
+  message = str(err.value)
+  for key in ("layers.0.blocks.0.modulation.f.weight", "extra.weight", "head.weight"):
+    assert key in message
+  variables, report = torch_to_flax(sd, model, allow_partial=True)
+  assert report["missing"] == ["layers.0.blocks.0.modulation.f.weight"]
+  assert report["unexpected"] == ["extra.weight"] and len(report["shape_mismatch"]) == 1
+  model.apply(variables, jnp.zeros((1, FRAMES, SIZE, SIZE, 3)))
+
+
+def test_official_sizes_convert_without_leftovers():
+  """T/S/B with 400 classes: the published parameter counts, and every official key maps."""
+  expected = {"tiny": 49_553_272, "small": 88_735_168, "base": 157_389_216}
+  for variant, count in expected.items():
+    ref = tvf.VideoFocalNet(**dict(tiny=dict(embed_dim=96, depths=(2, 2, 6, 2)),
+                                   small=dict(embed_dim=96, depths=(2, 2, 18, 2)),
+                                   base=dict(embed_dim=128, depths=(2, 2, 18, 2)))[variant], num_classes=400)
+    ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    del ref
+    model = create_model(variant, num_classes=400)
+    video = jnp.zeros((1, 8, 224, 224, 3))
+    shapes = traverse_util.flatten_dict(jax.eval_shape(lambda m=model: m.init(jax.random.key(0), video))["params"])
+    assert sum(int(np.prod(s.shape)) for s in shapes.values()) == count
+    ours = {torch_key(p): tuple(reversed(s.shape)) if len(s.shape) == 2 else None for p, s in shapes.items()}
+    assert set(ours) == set(ref_shapes), variant
+    assert sum(int(np.prod(s)) for s in ref_shapes.values()) == count
+
+
+def test_imagenet_init_copies_spatial_inflates_stem_keeps_temporal_fresh():
+  _, sd, model = _pair(2, {})
+  sd_2d = {k: v for k, v in sd.items() if "temporal" not in k and not k.startswith("head.")}
+  stem = np.random.default_rng(0).normal(size=(8, 3, 4, 4)).astype(np.float32)
+  sd_2d["patch_embed.proj.weight"] = stem
+  variables, report = init_from_imagenet(sd_2d, model, jax.random.key(1))
+  kernel = np.asarray(variables["params"]["patch_embed"]["proj"]["kernel"])  # (tb, kh, kw, in, out)
+  np.testing.assert_allclose(kernel[0], stem.transpose(2, 3, 1, 0) / 2, rtol=1e-6)
+  np.testing.assert_array_equal(kernel[0], kernel[1])
+  np.testing.assert_array_equal(variables["params"]["layers_1"]["blocks_0"]["mlp"]["fc1"]["kernel"],
+                                sd["layers.1.blocks.0.mlp.fc1.weight"].T)
+  assert "layers.0.blocks.0.modulation.f_temporal.weight" in report["fresh"] and "head.weight" in report["fresh"]
+  assert not report["unused"]
+
+
+def test_design_space_structure_and_temporal_sensitivity():
+  video = jnp.asarray(_video(2), jnp.float32)
+  reversed_video = video[:, ::-1]
+  for design in DESIGNS:
+    model = create_model("custom", num_frames=FRAMES, design=design, **ARCH)
+    variables = model.init(jax.random.key(0), video)
+    # The official init leaves gates near zero, hiding time; perturb every parameter.
+    leaves, treedef = jax.tree.flatten(variables)
+    rng = np.random.default_rng(0)
+    variables = jax.tree.unflatten(treedef, [
+        x + 0.3 * rng.normal(size=x.shape).astype(np.float32) for x in leaves])
+    mod = variables["params"]["layers_0"]["blocks_0"]["modulation"]
+    assert ("f_temporal" in mod) == (design in ("parallel", "sequential")), design
+    if design == "joint3d":
+      assert mod["focal_layers_0"]["kernel"].shape == (3, 3, 3, 1, 8)
+    out, rev = model.apply(variables, video), model.apply(variables, reversed_video)
+    # A per-frame model averaged over time cannot tell a clip from its reverse.
+    if design == "spatial_only":
+      np.testing.assert_allclose(out, rev, atol=1e-5)
+    else:
+      assert np.abs(out - rev).max() > 1e-4, design
+  depthwise = create_model("custom", num_frames=FRAMES, temporal_conv="depthwise", **ARCH)
+  kernel = depthwise.init(jax.random.key(0), video)["params"]["layers_0"]["blocks_0"]["modulation"][
+      "focal_layers_temporal_1"]["kernel"]
+  assert kernel.shape == (5, 1, 8)
+
+
+def test_train_mode_remat_and_sown_modulators():
+  model = create_model("custom", num_frames=FRAMES, drop_path_rate=0.5, drop_rate=0.1, **ARCH)
+  video = jnp.asarray(_video(3), jnp.float32)
+  variables = model.init(jax.random.key(0), video)
+  eval_out = model.apply(variables, video)
+  train_out = model.apply(variables, video, train=True, rngs={"dropout": jax.random.key(1)})
+  assert np.abs(eval_out - train_out).max() > 1e-4
+
+  def loss(params, m):
+    return m.apply({"params": params}, video, train=True, rngs={"dropout": jax.random.key(2)}).sum()
+  g1 = jax.grad(loss)(variables["params"], model)
+  g2 = jax.grad(loss)(variables["params"], model.clone(remat=True))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g1, g2)
+
+  _, state = model.apply(variables, video, mutable=["intermediates"])
+  mod = state["intermediates"]["layers_0"]["blocks_0"]["modulation"]
+  assert mod["spatial_modulator"][0].shape == (2 * FRAMES, SIZE // 4, SIZE // 4, 8)
+  assert mod["temporal_modulator"][0].shape == (2 * FRAMES, SIZE // 4, SIZE // 4, 8)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = create_model("custom", num_frames=FRAMES, dtype=jnp.bfloat16, **ARCH)
+  video = jnp.asarray(_video(4), jnp.float32)
+  variables = model.init(jax.random.key(0), video)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
+  out = model.apply(variables, video)
+  ref = model.clone(dtype=jnp.float32).apply(variables, video)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, ref, atol=0.1 * float(np.abs(ref).max()) + 1e-2)
+
+
+def test_bad_inputs_name_the_problem():
+  model = create_model("custom", num_frames=FRAMES, **ARCH)
+  with pytest.raises(ValueError, match="num_frames=4"):
+    model.init(jax.random.key(0), jnp.zeros((1, 3, SIZE, SIZE, 3)))
+  with pytest.raises(ValueError, match="divisible by 32"):
+    model.init(jax.random.key(0), jnp.zeros((1, FRAMES, 40, 40, 3)))
+  with pytest.raises(ValueError, match="Unknown VideoFocalNet field"):
+    create_model("tiny", embed_dims=4)
+  with pytest.raises(ValueError, match="released design"):
+    torch_to_flax({}, model.clone(design="joint3d"))
