@@ -29,6 +29,7 @@ def tiny_config(**overrides):
   config.model.variant = "tiny"
   config.model.embed_dim = 8
   config.model.depths = (1, 1, 1, 1)
+  config.model.focal_levels = (1, 1, 1, 1)  # 3x3 depthwise only: the same code paths, faster compiles
   config.model.num_classes = NUM_CLASSES
   config.model.drop_path_rate = 0.1
   config.model.dtype = "float32"
