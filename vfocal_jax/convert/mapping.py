@@ -86,7 +86,7 @@ def torch_to_flax(state_dict: dict[str, np.ndarray], model: Any, *, allow_partia
   """
   _check_convertible(model)
   want = {torch_key(path): (path, spec) for path, spec in abstract_params(model).items()}
-  loaded, shape_mismatch = {}, []
+  loaded, shape_mismatch, mismatched_keys = {}, [], set()
   for key, value in state_dict.items():
     if key not in want:
       continue
@@ -95,10 +95,10 @@ def torch_to_flax(state_dict: dict[str, np.ndarray], model: Any, *, allow_partia
     if value.shape != tuple(spec.shape):
       shape_mismatch.append(f"{key}: checkpoint {tuple(np.shape(state_dict[key]))} (torch layout), "
                             f"model {tuple(to_torch_layout(np.zeros(spec.shape, np.int8)).shape)}")
+      mismatched_keys.add(key)
       continue
     loaded[path] = value.astype(spec.dtype)
-  missing = sorted(key for key, (path, _) in want.items() if path not in loaded and not
-                   any(s.startswith(key + ":") for s in shape_mismatch))
+  missing = sorted(key for key, (path, _) in want.items() if path not in loaded and key not in mismatched_keys)
   unexpected = sorted(set(state_dict) - set(want))
   report = {"missing": missing, "unexpected": unexpected, "shape_mismatch": shape_mismatch}
   if not allow_partial:
