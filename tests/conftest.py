@@ -1,6 +1,12 @@
-"""Test-wide setup: 8 simulated CPU devices, quiet TensorFlow."""
+"""Test-wide setup: 8 simulated CPU devices, quiet TensorFlow, a shared XLA compilation cache."""
 import os
 
-# Must be set before jax is imported anywhere.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Must be set before jax is imported anywhere; subprocesses (the multi-host test) inherit them.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Many tests compile the same tiny train / eval steps (each restart of a run, each
+# pytest-xdist worker): JAX's persistent cache compiles each program once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".pytest_cache", "jax_compilation_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")

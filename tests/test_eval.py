@@ -3,6 +3,8 @@
 The "model" here reads its logits out of the clip's pixels, so every view's
 logits are known in advance and the reference needs no model at all.
 """
+import json
+
 import flax.linen as nn
 import jax
 import ml_collections
@@ -35,6 +37,7 @@ def _batches(num_videos, batch, views, rng):
 def _reference(batches):
   c1 = c5 = n = 0
   per_class = np.zeros((K, 2), np.int64)
+  confusion = np.zeros((K, K), np.int64)
   for b in batches:
     logits = b["video"].reshape(b["video"].shape[:2] + (-1,))[..., :K].astype(np.float64)
     p = np.exp(logits - logits.max(-1, keepdims=True))
@@ -46,13 +49,14 @@ def _reference(batches):
       c1 += order[i, 0] == y
       c5 += y in order[i, :5]
       per_class[y] += (order[i, 0] == y, 1)
-  return n, c1, c5, per_class
+      confusion[y, order[i, 0]] += 1
+  return n, c1, c5, per_class, confusion
 
 
 def test_eval_counts_exact_with_padding():
   rng = np.random.default_rng(0)
   batches = _batches(num_videos=29, batch=8, views=3, rng=rng)  # last batch: 5 real + 3 padding
-  n, c1, c5, per_class = _reference(batches)
+  n, c1, c5, per_class, confusion = _reference(batches)
   config = ml_collections.ConfigDict(dict(model=dict(num_classes=K), data=dict(eval_clip_offsets="uniform")))
   for shape in [(1, 1), (4, 2)]:
     mesh = sharding.create_mesh(shape, jax.devices()[:shape[0] * shape[1]])
@@ -65,3 +69,11 @@ def test_eval_counts_exact_with_padding():
     for k in range(K):
       if per_class[k, 1]:
         np.testing.assert_allclose(res["per_class_top1"][str(k)], 100.0 * per_class[k, 0] / per_class[k, 1])
+    np.testing.assert_array_equal(res["confusion"], confusion)
+
+
+def test_write_results_draws_the_confusion_matrix(tmp_path):
+  confusion = [[3, 1], [0, 4]]
+  evaluate.write_results(str(tmp_path), {"top1": 87.5, "confusion": confusion, "class_names": ["a", "b"]})
+  assert json.load(open(tmp_path / evaluate.RESULTS_FILE))["confusion"] == confusion
+  assert (tmp_path / evaluate.CONFUSION_PNG).stat().st_size > 1000

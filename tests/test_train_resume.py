@@ -55,6 +55,8 @@ def test_restart_reproduces_uninterrupted_run(tmp_path):
 
   results = json.load(open(os.path.join(workdir, "eval_results.json")))
   assert results["num_videos"] == 5 and results["step"] == 6
+  for png in (train.CURVES_PNG, evaluate.CONFUSION_PNG):  # Figures of the finished run.
+    assert os.path.getsize(os.path.join(workdir, png)) > 1000, png
   assert json.load(open(os.path.join(workdir, "config.json")))["model"]["embed_dim"] == 8
 
   params, saved_config = checkpoints.load_params_from_workdir(workdir)

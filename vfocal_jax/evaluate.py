@@ -23,10 +23,14 @@ from vfocal_jax import sharding
 from vfocal_jax.metrics import EvalCounts
 
 RESULTS_FILE = "eval_results.json"
+CONFUSION_PNG = "confusion_matrix.png"
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model, num_classes: int) -> dict[str, jax.Array]:
-  """Counts for one batch: ``video`` (B, V, T, H, W, 3), ``label`` (B,), ``mask`` (B,)."""
+  """Counts for one batch: ``video`` (B, V, T, H, W, 3), ``label`` (B,), ``mask`` (B,).
+
+  ``confusion[i, j]`` counts videos of class i predicted as j (top-1).
+  """
   video, labels, mask = batch["video"], batch["label"], batch["mask"]
   b, v = video.shape[:2]
   logits = model.apply({"params": params}, video.reshape((b * v,) + video.shape[2:]), train=False)
@@ -37,12 +41,14 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, model, num_classes: i
   correct1 = (top[:, 0] == labels).astype(jnp.int32) * m
   correct5 = jnp.any(top == labels[:, None], axis=-1).astype(jnp.int32) * m
   safe_labels = jnp.where(mask, labels, 0)
+  pairs = safe_labels * num_classes + top[:, 0]
   return {
       "count": m.sum(),
       "correct1": correct1.sum(),
       "correct5": correct5.sum(),
       "class_count": jax.ops.segment_sum(m, safe_labels, num_segments=num_classes),
       "class_correct": jax.ops.segment_sum(correct1, safe_labels, num_segments=num_classes),
+      "confusion": jax.ops.segment_sum(m, pairs, num_segments=num_classes ** 2).reshape(num_classes, num_classes),
   }
 
 
@@ -107,13 +113,21 @@ def evaluate_params(config: ml_collections.ConfigDict, model, params: Any, mesh,
 
 
 def write_results(workdir: str, results: dict[str, Any], config: ml_collections.ConfigDict | None = None) -> str:
-  """Writes ``workdir/eval_results.json`` (process 0); returns its path."""
+  """Writes ``workdir/eval_results.json`` and ``confusion_matrix.png`` (process 0); returns the JSON path."""
   path = os.path.join(workdir, RESULTS_FILE)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(path, "w") as f:
       json.dump(results, f, indent=2, sort_keys=True)
     logging.info("Wrote %s", path)
+    if "confusion" in results:
+      from vfocal_jax import plots
+      try:
+        png = plots.plot_confusion_matrix(np.asarray(results["confusion"]), os.path.join(workdir, CONFUSION_PNG),
+                                          results.get("class_names"))
+        logging.info("Wrote %s", png)
+      except Exception as e:  # A figure is never worth losing the results over.
+        logging.warning("Could not draw the confusion matrix: %s", e)
   return path
 
 

@@ -32,6 +32,7 @@ class EvalCounts:
     self.correct5 = 0
     self.class_count = np.zeros(num_classes, np.int64)
     self.class_correct = np.zeros(num_classes, np.int64)
+    self.confusion = np.zeros((num_classes, num_classes), np.int64)
 
   def add(self, out: dict[str, Any]) -> None:
     self.count += int(out["count"])
@@ -39,9 +40,11 @@ class EvalCounts:
     self.correct5 += int(out["correct5"])
     self.class_count += np.asarray(out["class_count"], np.int64)
     self.class_correct += np.asarray(out["class_correct"], np.int64)
+    if "confusion" in out:
+      self.confusion += np.asarray(out["confusion"], np.int64)
 
   def result(self, class_names: list[str] | None = None) -> dict[str, Any]:
-    """top-1/top-5 in percent over the videos counted, and the per-class top-1."""
+    """top-1/top-5 in percent over the videos counted, the per-class top-1 and the confusion counts."""
     n = max(self.count, 1)
     names = class_names if class_names and len(class_names) == self.num_classes else [
         str(i) for i in range(self.num_classes)]
@@ -55,4 +58,6 @@ class EvalCounts:
         "num_correct_top5": int(self.correct5),
         "per_class_top1": per_class,
         "mean_class_top1": float(np.mean(list(per_class.values()))) if per_class else 0.0,
+        "class_names": names,
+        "confusion": self.confusion.tolist(),  # [true][predicted], top-1.
     }

@@ -34,6 +34,8 @@ from vfocal_jax import checkpoints, evaluate, mixup, optim, sharding
 from vfocal_jax.metrics import TrainMetrics
 from vfocal_jax.train_state import TrainState, create_train_state
 
+CURVES_PNG = "training_curves.png"
+
 
 def quiet_orbax_logs() -> None:
   """Keeps Orbax's INFO chatter (several lines per save) out of the training log."""
@@ -380,6 +382,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoi
       results["step"] = int(total)
       evaluate.write_results(workdir, results, config)
       writer.write_scalars(total, {f"test/{k}": v for k, v in results.items() if isinstance(v, float)})
+      writer.flush()
+      _write_training_curves(workdir)
       results["history"] = history
   finally:
     manager.wait_until_finished()
@@ -387,6 +391,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoi
     writer.flush()
     preemption.restore()
   return results
+
+
+def _write_training_curves(workdir: str) -> None:
+  """``workdir/training_curves.png`` from the run's TensorBoard events (process 0; never fails the run)."""
+  if jax.process_index() != 0:
+    return
+  from vfocal_jax import plots
+  try:
+    logging.info("Wrote %s", plots.plot_training_curves(workdir, os.path.join(workdir, CURVES_PNG)))
+  except Exception as e:  # A figure is never worth losing the run over.
+    logging.warning("Could not draw the training curves: %s", e)
 
 
 def _fmt_time(seconds: float) -> str:
