@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = default.get_config()
   config.dataset = "demo"
   config.demo_data_dir = ""            # '' = <workdir>/demo_data.
-  config.demo_dataset = ml_collections.ConfigDict(dict(train_per_class=100, val_per_class=25, seed=0))
+  config.demo_dataset = ml_collections.ConfigDict(dict(train_per_class=300, val_per_class=25, seed=0))
 
   config.num_frames = 8
   config.image_size = 32
@@ -25,6 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.embed_dim = 24
   config.model.depths = (1, 1, 2, 1)
   config.model.num_classes = 8
+  config.model.tubelet_size = 2
+  config.model.dense_init = "fan_in"   # From scratch: the official std-0.02 init leaves the modulators dead.
   config.model.drop_path_rate = 0.0
   config.model.dtype = "float32"
 
@@ -38,14 +40,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.eval_resize_ratio = 1.0
   config.data.shuffle_buffer_size = 800
 
-  config.batch_size = 16
+  config.batch_size = 32
   config.eval_batch_size = 32
-  config.optimizer = "sgd"
-  config.base_lr = 0.8                 # x 16/512 -> 0.025 peak.
-  config.warmup_lr = 0.01
-  config.min_lr = 0.01
+  config.optimizer = "adamw"
+  config.base_lr = 0.016               # x 32/512 -> 1e-3 peak.
+  config.warmup_lr = 0.0
+  config.min_lr = 0.0
+  config.weight_decay = 0.05
+  config.weight_decay_quirk = False
   config.num_epochs = 20
-  config.warmup_epochs = 2
+  config.warmup_epochs = 1
   config.mixup_alpha = 0.0
   config.cutmix_alpha = 0.0
   config.eval_every_epochs = 0.0

@@ -193,3 +193,25 @@ def test_bad_inputs_name_the_problem():
     create_model("tiny", embed_dims=4)
   with pytest.raises(ValueError, match="released design"):
     torch_to_flax({}, model.clone(design="joint3d"))
+
+
+def test_dense_init_schemes():
+  """'official' = timm trunc_normal(0.02) on every Linear; 'fan_in' = std 1/sqrt(fan_in); convs unchanged."""
+  video = jnp.zeros((1, FRAMES, SIZE, SIZE, 3))
+  arch = dict(ARCH, embed_dim=32)
+  official = traverse_util.flatten_dict(create_model("custom", num_frames=FRAMES, **arch).init(
+      jax.random.key(0), video)["params"], sep="/")
+  fan_in = traverse_util.flatten_dict(create_model("custom", num_frames=FRAMES, dense_init="fan_in", **arch).init(
+      jax.random.key(0), video)["params"], sep="/")
+  dense = [k for k in official if k.endswith("kernel") and official[k].ndim == 2]
+  assert {k.split("/")[-2] for k in dense} == {"f", "f_temporal", "proj", "fc1", "fc2", "head"}
+  for key in dense:
+    w0, w1 = np.asarray(official[key]), np.asarray(fan_in[key])
+    # Truncated at 2 std: the sample std is 0.88 x the parameter.
+    np.testing.assert_allclose(w0.std(), 0.02 * 0.88, rtol=0.2, err_msg=key)
+    np.testing.assert_allclose(w1.std(), 0.88 / np.sqrt(w1.shape[0]), rtol=0.2, err_msg=key)
+  for key in official:
+    if key not in dense:
+      np.testing.assert_array_equal(official[key], fan_in[key], err_msg=key)
+  with pytest.raises(ValueError, match="dense_init='xavier'"):
+    create_model("custom", num_frames=FRAMES, dense_init="xavier", **ARCH).init(jax.random.key(0), video)

@@ -48,15 +48,19 @@ class FocalModulation(nn.Module):
   design: str = "parallel"
   temporal_conv: str = "dense"
   depthwise_impl: str = "auto"
+  dense_init: str = "official"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+
+  def _dense(self, features: int, name: str) -> nn.Dense:
+    return dense(features, name, self.dtype, self.param_dtype, init=self.dense_init)
 
   def _kernel(self, level: int) -> int:
     return self.focal_factor * level + self.focal_window
 
   def _spatial(self, x: jax.Array, c: int) -> tuple[jax.Array, jax.Array]:
     """Returns (query, spatial modulator) of the image focal modulation."""
-    xs = dense(2 * c + self.focal_level + 1, "f", self.dtype, self.param_dtype)(x)
+    xs = self._dense(2 * c + self.focal_level + 1, "f")(x)
     q, ctx, gates = xs[..., :c], xs[..., c:2 * c], xs[..., 2 * c:]
     convs = [layers.DepthwiseConv((k, k), self.depthwise_impl, self.dtype, self.param_dtype,
                                   name=f"focal_layers_{l}")
@@ -71,7 +75,7 @@ class FocalModulation(nn.Module):
     bt, h, w, _ = x.shape
     t = self.num_frames
     xt = x.reshape(bt // t, t, h, w, c).transpose(0, 2, 3, 1, 4).reshape(-1, t, c)
-    xt = dense(c + self.focal_level + 1, "f_temporal", self.dtype, self.param_dtype)(xt)
+    xt = self._dense(c + self.focal_level + 1, "f_temporal")(xt)
     ctx, gates = xt[..., :c], xt[..., c:]
     convs = []
     for l in range(self.focal_level):
@@ -93,7 +97,7 @@ class FocalModulation(nn.Module):
     """One focal hierarchy of depthwise 3-D convs over (T, H, W)."""
     bt, h, w, _ = x.shape
     t = self.num_frames
-    xs = dense(2 * c + self.focal_level + 1, "f", self.dtype, self.param_dtype)(x)
+    xs = self._dense(2 * c + self.focal_level + 1, "f")(x)
     xs = xs.reshape(bt // t, t, h, w, -1)
     q, ctx, gates = xs[..., :c], xs[..., c:2 * c], xs[..., 2 * c:]
     convs = [layers.DepthwiseConv((k, k, k), self.depthwise_impl, self.dtype, self.param_dtype,
@@ -130,22 +134,23 @@ class FocalModulation(nn.Module):
     self.sow("intermediates", "spatial_modulator", mod)
     if self.use_postln_in_modulation:
       out = layer_norm("ln", self.dtype)(out)
-    out = dense(c, "proj", self.dtype, self.param_dtype)(out)
+    out = self._dense(c, "proj")(out)
     return nn.Dropout(self.proj_drop, deterministic=not train)(out)
 
 
 class Mlp(nn.Module):
   hidden: int
   drop: float = 0.0
+  dense_init: str = "official"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     c = x.shape[-1]
-    x = gelu(dense(self.hidden, "fc1", self.dtype, self.param_dtype)(x))
+    x = gelu(dense(self.hidden, "fc1", self.dtype, self.param_dtype, init=self.dense_init)(x))
     x = nn.Dropout(self.drop, deterministic=not train)(x)
-    x = dense(c, "fc2", self.dtype, self.param_dtype)(x)
+    x = dense(c, "fc2", self.dtype, self.param_dtype, init=self.dense_init)(x)
     return nn.Dropout(self.drop, deterministic=not train)(x)
 
 
@@ -173,7 +178,8 @@ class VideoFocalNetBlock(nn.Module):
     norm1, norm2 = layer_norm("norm1", self.dtype), layer_norm("norm2", self.dtype)
     modulation = FocalModulation(dim=c, proj_drop=self.drop, dtype=self.dtype, param_dtype=self.param_dtype,
                                  name="modulation", **self.modulation_kwargs)
-    mlp = Mlp(int(c * self.mlp_ratio), self.drop, self.dtype, self.param_dtype, name="mlp")
+    mlp = Mlp(int(c * self.mlp_ratio), self.drop, self.modulation_kwargs.get("dense_init", "official"), self.dtype,
+              self.param_dtype, name="mlp")
     dp = layers.drop_path(self.drop_path, deterministic=not train)
     if self.use_postln:
       x = x + dp(gamma_1 * norm1(modulation(x, train)))
@@ -237,7 +243,9 @@ class VideoFocalNet(nn.Module):
   """Video-FocalNet classifier: `(B, T, H, W, 3)` normalised clips -> `(B, num_classes)` float32 logits.
 
   Fields carry the official constructor's names; `design`, `temporal_conv`,
-  `depthwise_impl`, `dtype`, `param_dtype` and `remat` are ours.
+  `depthwise_impl`, `dense_init`, `dtype`, `param_dtype` and `remat` are ours.
+  `dense_init='fan_in'` is for training from scratch (see
+  `layers.dense_initializer`); it changes only the initial values.
   """
   embed_dim: int = 96
   depths: Sequence[int] = (2, 2, 6, 2)
@@ -259,6 +267,7 @@ class VideoFocalNet(nn.Module):
   design: str = "parallel"
   temporal_conv: str = "dense"
   depthwise_impl: str = "auto"
+  dense_init: str = "official"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
@@ -290,7 +299,8 @@ class VideoFocalNet(nn.Module):
       modulation_kwargs = dict(
           focal_window=self.focal_windows[i], focal_level=self.focal_levels[i], num_frames=frames,
           use_postln_in_modulation=self.use_postln_in_modulation, normalize_modulator=self.normalize_modulator,
-          design=self.design, temporal_conv=self.temporal_conv, depthwise_impl=self.depthwise_impl)
+          design=self.design, temporal_conv=self.temporal_conv, depthwise_impl=self.depthwise_impl,
+          dense_init=self.dense_init)
       x = BasicLayer(
           drop_paths=tuple(rates[sum(self.depths[:i]):sum(self.depths[:i + 1])]),
           downsample=i < len(self.depths) - 1,
@@ -302,5 +312,5 @@ class VideoFocalNet(nn.Module):
       dim = x.shape[-1]
     x = layer_norm("norm", self.dtype)(x)
     x = x.mean(axis=(1, 2)).reshape(b, frames, dim).mean(axis=1)
-    logits = dense(self.num_classes, "head", self.dtype, self.param_dtype)(x)
+    logits = dense(self.num_classes, "head", self.dtype, self.param_dtype, init=self.dense_init)(x)
     return logits.astype(jnp.promote_types(self.dtype, jnp.float32))  # bf16 compute -> f32 logits
