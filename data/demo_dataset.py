@@ -63,7 +63,7 @@ def _texture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
   top = c[y0][:, x0] * (1 - wx) + c[y0][:, x0 + 1] * wx
   bottom = c[y0 + 1][:, x0] * (1 - wx) + c[y0 + 1][:, x0 + 1] * wx
   tex = top * (1 - wy) + bottom * wy
-  contrast = rng.uniform(0.2, 0.5)
+  contrast = rng.uniform(0.15, 0.4)
   return (128 + (tex - 128) * contrast).astype(np.float32)
 
 
@@ -78,13 +78,13 @@ def render_video(label: int, rng: np.random.Generator, *, num_frames: int = 16, 
   if np.abs(colour - background.mean((0, 1))).max() < 80:
     colour = 255 - colour
   short = min(height, width)
-  size = rng.uniform(0.16, 0.24) * short         # half-extent in pixels
+  size = rng.uniform(0.2, 0.28) * short          # half-extent in pixels
   angle = rng.uniform(0, 2 * np.pi)
   centre = np.array([rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.7) * height], np.float32)
   drift = rng.uniform(-0.15, 0.15, size=2).astype(np.float32)   # small motion in every class
-  speed = rng.uniform(1.0, 2.2) * short / 64     # px / frame for translations
-  spin = np.deg2rad(rng.uniform(6, 10))          # rad / frame; < 45 deg between sampled frames
-  growth = rng.uniform(1.04, 1.07)               # factor / frame for size changes
+  speed = rng.uniform(1.6, 2.4) * short / 64     # px / frame for translations
+  spin = np.deg2rad(rng.uniform(8, 11))          # rad / frame; < 45 deg between sampled frames
+  growth = rng.uniform(1.05, 1.07)               # factor / frame for size changes
   steps = num_frames - 1
   velocity = {"move_left": (-speed, 0), "move_right": (speed, 0), "move_up": (0, -speed),
               "move_down": (0, speed)}.get(name, (0, 0))
@@ -93,8 +93,8 @@ def render_video(label: int, rng: np.random.Generator, *, num_frames: int = 16, 
   centre = centre - velocity * steps / 2
   centre[0] = np.clip(centre[0], size, width - size) if name not in ("move_left", "move_right") else centre[0]
   centre[1] = np.clip(centre[1], size, height - size) if name not in ("move_up", "move_down") else centre[1]
-  if name == "shrink":
-    size *= growth ** steps
+  if name in ("grow", "shrink"):  # Same mean size as the other classes: no single-frame cue.
+    size *= growth ** (-steps / 2 if name == "grow" else steps / 2)
   frames = np.empty((num_frames, height, width, 3), np.uint8)
   for t in range(num_frames):
     theta = angle + {"rotate_cw": spin * t, "rotate_ccw": -spin * t}.get(name, 0.0)
