@@ -6,7 +6,12 @@
 The 8 classes differ only in how a shape moves (data/demo_dataset.py), so a
 model that cannot compare frames stays near chance (12.5%). main.py writes
 the shards into ``<workdir>/demo_data`` (or ``demo_data_dir``) when absent.
-Sized to train and evaluate in a few minutes on a 2-core CPU.
+Measured on the 2-core CPU: 96.5% top-1 in 5m49s, shards included.
+
+Caveat: the tubelet stem (2 frames) sees short-range motion by itself, so
+spatial_only reaches 96% here too. With ``tubelet_size=1`` (the baseline that
+cannot compare frames) the parallel model also stayed at chance after
+1,500 steps: its temporal branch needs a longer schedule from scratch.
 """
 import ml_collections
 
@@ -25,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.embed_dim = 24
   config.model.depths = (1, 1, 2, 1)
   config.model.num_classes = 8
-  config.model.tubelet_size = 2
+  config.model.tubelet_size = 2         # A tubelet stem sees frame pairs; with 1, 1,500 steps stay at chance.
   config.model.dense_init = "fan_in"   # From scratch: the official std-0.02 init leaves the modulators dead.
   config.model.drop_path_rate = 0.0
   config.model.dtype = "float32"
