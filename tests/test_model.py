@@ -175,10 +175,10 @@ def test_train_mode_remat_and_sown_modulators():
 def test_bfloat16_compute_keeps_float32_params():
   model = create_model("custom", num_frames=FRAMES, dtype=jnp.bfloat16, **ARCH)
   video = jnp.asarray(_video(4), jnp.float32)
-  variables = model.init(jax.random.key(0), video)
+  variables = jax.jit(model.init)(jax.random.key(0), video)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
-  out = model.apply(variables, video)
-  ref = model.clone(dtype=jnp.float32).apply(variables, video)
+  out = jax.jit(model.apply)(variables, video)
+  ref = jax.jit(model.clone(dtype=jnp.float32).apply)(variables, video)
   assert out.dtype == jnp.float32
   np.testing.assert_allclose(out, ref, atol=0.1 * float(np.abs(ref).max()) + 1e-2)
 
@@ -198,11 +198,13 @@ def test_bad_inputs_name_the_problem():
 def test_dense_init_schemes():
   """'official' = timm trunc_normal(0.02) on every Linear; 'fan_in' = std 1/sqrt(fan_in); convs unchanged."""
   video = jnp.zeros((1, FRAMES, SIZE, SIZE, 3))
-  arch = dict(ARCH, embed_dim=32)
-  official = traverse_util.flatten_dict(create_model("custom", num_frames=FRAMES, **arch).init(
-      jax.random.key(0), video)["params"], sep="/")
-  fan_in = traverse_util.flatten_dict(create_model("custom", num_frames=FRAMES, dense_init="fan_in", **arch).init(
-      jax.random.key(0), video)["params"], sep="/")
+  arch = dict(ARCH, embed_dim=32, depthwise_impl="xla")
+
+  def init(**kw):
+    model = create_model("custom", num_frames=FRAMES, **arch, **kw)
+    return traverse_util.flatten_dict(jax.jit(model.init)(jax.random.key(0), video)["params"], sep="/")
+
+  official, fan_in = init(), init(dense_init="fan_in")
   dense = [k for k in official if k.endswith("kernel") and official[k].ndim == 2]
   assert {k.split("/")[-2] for k in dense} == {"f", "f_temporal", "proj", "fc1", "fc2", "head"}
   for key in dense:
