@@ -48,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.design = "parallel"     # | spatial_only | sequential | joint3d (paper's design space).
   config.model.dtype = "bfloat16"      # Compute dtype (the recipe used AMP O1); params stay float32.
   config.model.remat = False           # Rematerialise blocks (TRAIN.USE_CHECKPOINT).
+  config.model.dense_init = "official"  # Linear init: official trunc_normal(0.02) | fan_in (from scratch; docs/training.md).
 
   # Input pipeline (fields documented in vfocal_jax.input_pipeline.data_config_defaults).
   config.data = data_defaults()
