@@ -49,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.min_lr = 0.0
   config.weight_decay = 0.05
   config.weight_decay_quirk = False
-  config.num_epochs = 24              # 3,600 steps: the temporal branch leaves chance after ~1,600.
+  config.num_epochs = 24              # 3,600 steps: the temporal branch leaves chance after ~1,900.
   config.warmup_epochs = 1
   config.mixup_alpha = 0.0
   config.cutmix_alpha = 0.0
