@@ -173,7 +173,7 @@ def bench_one(variant: str, mode: str, batch: int, *, frames: int, size: int, nu
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from vfocal_jax import evaluate, sharding, train  # pylint: disable=import-outside-toplevel
+  from vfocal_jax import evaluate, pixels, sharding, train  # pylint: disable=import-outside-toplevel
   config = make_config(variant, batch=batch, frames=frames, size=size, num_classes=num_classes, dtype=dtype,
                        model_overrides=model_overrides)
   devices = jax.devices()[:num_devices] if num_devices > 0 else jax.devices()
@@ -182,12 +182,12 @@ def bench_one(variant: str, mode: str, batch: int, *, frames: int, size: int, nu
   mesh = sharding.create_mesh((len(devices), 1), devices=devices)
   trainer = train.Trainer(config, steps_per_epoch=1000, mesh=mesh)
   rng = np.random.default_rng(0)
-  video = rng.standard_normal((batch, frames, size, size, 3), dtype=np.float32)
+  video = rng.integers(0, 256, (batch, frames, size, size, 3), dtype=np.uint8)   # as the pipeline yields
   labels = rng.integers(0, num_classes, batch).astype(np.int32)
   with trainer.mesh:
     state = _initial_state(trainer, (variant, frames, size, num_classes, dtype, len(devices)))
     if mode == "train":
-      args = (state, trainer.put_batch({"video": video, "label": labels}))
+      args = (state, trainer.put_batch(pixels.with_pixel_affine({"video": video, "label": labels})))
       t = time.perf_counter()
       compiled = trainer.train_step.lower(*args).compile()
       compile_s = time.perf_counter() - t
@@ -201,8 +201,8 @@ def bench_one(variant: str, mode: str, batch: int, *, frames: int, size: int, nu
       params = state.params
       step = evaluate.make_eval_step(trainer.model, num_classes, trainer.mesh,
                                      jax.tree.map(lambda x: x.sharding, params))
-      arrays = sharding.global_batch({"video": video[:, None], "label": labels,
-                                      "mask": np.ones(batch, bool)}, trainer.mesh)
+      arrays = sharding.global_batch(pixels.with_pixel_affine(
+          {"video": video[:, None], "label": labels, "mask": np.ones(batch, bool)}), trainer.mesh)
       t = time.perf_counter()
       compiled = step.lower(params, arrays).compile()
       compile_s = time.perf_counter() - t

@@ -87,6 +87,19 @@ def unnormalise(video):
   return video.astype(np.float64) * STD + MEAN
 
 
+def normalised(batch):
+  """The model input of a batch: [x, 1] @ pixel_affine of each clip, in NumPy float64."""
+  video = batch["video"].astype(np.float64)
+  a = batch["pixel_affine"].astype(np.float64)
+  a = a.reshape((a.shape[0],) + (1,) * (video.ndim - 2) + (4, 3))
+  return np.einsum("...i,...ij->...j", video, a[..., :3, :]) + a[..., 3, :]
+
+
+def pixels(batch):
+  """Pixels 0..255 of a batch, through its normalisation and back with the DESIGN constants."""
+  return unnormalise(normalised(batch))
+
+
 # --- Sampling. ------------------------------------------------------------------
 
 
@@ -147,10 +160,14 @@ def test_train_batches_frames_labels_and_normalisation(shards):
   seen = set()
   for _ in range(6):
     batch = next(it)
-    assert batch["video"].shape == (5, T, S, S, 3) and batch["video"].dtype == np.float32
+    assert batch["video"].shape == (5, T, S, S, 3) and batch["video"].dtype == np.uint8
     assert batch["label"].dtype == np.int32 and batch["num_skipped"] == 0
-    pixels = unnormalise(batch["video"])
-    for clip, label in zip(pixels, batch["label"]):
+    # No jitter: every clip's affine is the plain normalisation with the DESIGN constants.
+    assert batch["pixel_affine"].shape == (5, 4, 3) and batch["pixel_affine"].dtype == np.float32
+    np.testing.assert_allclose(batch["pixel_affine"][:, :3], np.broadcast_to(np.diag(1 / STD), (5, 3, 3)),
+                               rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(batch["pixel_affine"][:, 3], np.broadcast_to(-MEAN / STD, (5, 3)), rtol=1e-6)
+    for clip, label in zip(pixels(batch), batch["label"]):
       vid = int(testing.video_number(clip)[0])
       seen.add(vid)
       assert label == vid % 4
@@ -167,14 +184,14 @@ def test_train_batches_frames_labels_and_normalisation(shards):
 def test_flip_on_reverses_the_ramp(shards):
   cfg = plain_cfg(shards, flip_prob=1.0)
   batch = next(ip.create_train_iterator(cfg, batch_size=4, seed=0, num_frames=T, image_size=S))
-  ramp = unnormalise(batch["video"])[..., S // 2, :, 2]
+  ramp = pixels(batch)[..., S // 2, :, 2]
   assert np.all(np.diff(ramp, axis=-1).mean(-1) < 0)
 
 
 def test_crop_and_flip_shared_across_frames(shards):
   cfg = plain_cfg(shards, flip_prob=0.5, rrc_area_range=(0.1, 1.0))
   batch = next(ip.create_train_iterator(cfg, batch_size=8, seed=3, num_frames=T, image_size=S))
-  blue = unnormalise(batch["video"])[..., 2]      # B does not depend on the frame number
+  blue = pixels(batch)[..., 2]      # B does not depend on the frame number
   assert np.abs(blue - blue[:, :1]).max() < 6       # same window and flip in every frame
   assert np.ptp(blue[:, 0, 0, 0]) > 5               # but different across clips
 
@@ -209,7 +226,7 @@ def test_colour_affine_matches_stepwise_reference(to_gray):
                                    contrast=tf.constant(0.7), saturation=tf.constant(1.2),
                                    hue_angle=tf.constant(0.4), to_gray=tf.constant(to_gray))
   w, c = transforms.affine_with_normalization(a, off, MEAN, STD)
-  got = transforms.apply_affine(tf.constant(x, tf.float32), w, c).numpy()
+  got = transforms.apply_affine(tf.constant(x, tf.float32), transforms.pixel_affine(w, c)).numpy()
   want = (_ref_jitter(x, mean_gray, **params, to_gray=to_gray) - MEAN) / STD
   np.testing.assert_allclose(got, want, atol=1e-3)
 
@@ -262,7 +279,8 @@ def test_eval_views_clips_and_crops(shards):
   count = 0
   for batch in ev:
     assert batch["video"].shape == (4, 6, T, S, S, 3)
-    for views, label, real in zip(unnormalise(batch["video"]), batch["label"], batch["mask"]):
+    assert batch["video"].dtype == np.uint8
+    for views, label, real in zip(pixels(batch), batch["label"], batch["mask"]):
       if not real:
         continue
       count += 1
@@ -281,7 +299,7 @@ def test_eval_single_centre_crop_after_resize(shards):
   cfg = plain_cfg(shards, eval_resize_ratio=256 / 224)
   ev = ip.create_eval_iterator(cfg, batch_size=16, num_frames=T, image_size=S, num_clips=1, num_crops=1)
   batch = next(iter(ev))
-  views = unnormalise(batch["video"])[batch["mask"]]
+  views = pixels(batch)[batch["mask"]]
   assert views.shape[1:] == (1, T, S, S, 3)
   # Short side 32 -> int(256/224*32) = 36, width 48 -> 54; the centre crop starts at x = 11 of the
   # resized frame, i.e. x = 11 * 48 / 54 - ... of the ramp; its mean B equals the resized ramp mean.
@@ -301,8 +319,8 @@ def test_every_eval_video_counted_once_on_all_hosts(shards, batch_size, process_
     n = 0
     for batch in ev:
       n += 1
-      real = batch["video"][batch["mask"]]
-      ids += list(testing.video_number(unnormalise(real[:, 0, 0])))
+      real = pixels(batch)[batch["mask"]]
+      ids += list(testing.video_number(real[:, 0, 0]))
     batches.append(n)
     assert n == len(ev) == ev.num_batches
   assert sorted(ids) == list(range(len(LENGTHS)))
@@ -331,6 +349,6 @@ def test_eval_views_from_frames_matches_the_pipeline(shards):
   ev = ip.create_eval_iterator(cfg, batch_size=16, num_frames=T, image_size=S, num_clips=2, num_crops=3)
   batch = next(iter(ev))
   row = [i for i, v in enumerate(batch["video"]) if batch["mask"][i]
-         and testing.video_number(unnormalise(v[0]))[0] == 2][0]
+         and testing.video_number(v[0])[0] == 2][0]
   # Same transform; the pipeline's frames went through JPEG, these did not.
-  np.testing.assert_allclose(unnormalise(views), unnormalise(batch["video"][row]), atol=4)
+  np.testing.assert_allclose(unnormalise(views), pixels(batch)[row], atol=4)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from data.demo_dataset import render_video, write_mp4
-from vfocal_jax import evaluate, predict
+from vfocal_jax import evaluate, pixels, predict
 from vfocal_jax.input_pipeline import decode_video_file, eval_views_from_frames
 
 if not hasattr(pytest.importorskip("vfocal_jax.models"), "create_model"):
@@ -111,7 +111,8 @@ def test_predict_matches_eval_path_and_skips_unreadable(setup, tmp_path, capsys)
     eval_labels.append(r["top"][0][0])
 
   # The eval path's jitted step counts predict's top-1 as correct for every video.
-  batch = {"video": np.stack(eval_views), "label": np.asarray(eval_labels, np.int32), "mask": np.ones(3, bool)}
+  batch = pixels.with_pixel_affine(
+      {"video": np.stack(eval_views), "label": np.asarray(eval_labels, np.int32), "mask": np.ones(3, bool)})
   counts = jax.jit(lambda p, b: evaluate.eval_step(p, b, model=setup["model"], num_classes=NUM_CLASSES))(
       setup["params"], batch)
   assert int(counts["count"]) == 3 and int(counts["correct1"]) == 3

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vfocal_jax import sharding
+from vfocal_jax import pixels, sharding
 from vfocal_jax.metrics import EvalCounts
 
 RESULTS_FILE = "eval_results.json"
@@ -29,9 +29,11 @@ CONFUSION_PNG = "confusion_matrix.png"
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model, num_classes: int) -> dict[str, jax.Array]:
   """Counts for one batch: ``video`` (B, V, T, H, W, 3), ``label`` (B,), ``mask`` (B,).
 
-  ``confusion[i, j]`` counts videos of class i predicted as j (top-1).
+  ``video`` holds pixels and ``pixel_affine`` (B, 4, 3) their normalisation,
+  as the pipeline yields them (``pixels.normalize``). ``confusion[i, j]``
+  counts videos of class i predicted as j (top-1).
   """
-  video, labels, mask = batch["video"], batch["label"], batch["mask"]
+  video, labels, mask = pixels.normalize(batch["video"], batch["pixel_affine"]), batch["label"], batch["mask"]
   b, v = video.shape[:2]
   logits = model.apply({"params": params}, video.reshape((b * v,) + video.shape[2:]), train=False)
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).reshape(b, v, num_classes).sum(axis=1)
@@ -54,8 +56,8 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, model, num_classes: i
 
 def make_eval_step(model, num_classes: int, mesh, params_sharding: Any):
   """``eval_step`` jitted with the batch over ``'data'`` and replicated (summed) outputs."""
-  batch_sharding = {"video": sharding.batch_sharding(mesh, 6), "label": sharding.batch_sharding(mesh, 1),
-                    "mask": sharding.batch_sharding(mesh, 1)}
+  batch_sharding = {"video": sharding.batch_sharding(mesh, 6), "pixel_affine": sharding.batch_sharding(mesh, 3),
+                    "label": sharding.batch_sharding(mesh, 1), "mask": sharding.batch_sharding(mesh, 1)}
   return jax.jit(functools.partial(eval_step, model=model, num_classes=num_classes),
                  in_shardings=(params_sharding, batch_sharding), out_shardings=sharding.replicated(mesh))
 
@@ -65,8 +67,9 @@ def run_eval(step_fn, params: Any, batches: Iterable[dict[str, np.ndarray]], mes
   """Runs ``step_fn`` over every (local) batch and returns the exact results."""
   counts = EvalCounts(num_classes)
   for i, batch in enumerate(batches):
-    arrays = sharding.global_batch({"video": batch["video"], "label": batch["label"],
-                                    "mask": np.asarray(batch["mask"], bool)}, mesh)
+    batch = pixels.with_pixel_affine(batch)
+    arrays = sharding.global_batch({"video": batch["video"], "pixel_affine": batch["pixel_affine"],
+                                    "label": batch["label"], "mask": np.asarray(batch["mask"], bool)}, mesh)
     counts.add(sharding.to_host(step_fn(params, arrays)))
     if i % 50 == 0:
       logging.info("eval batch %d: %d videos so far", i, counts.count)

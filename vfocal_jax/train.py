@@ -30,7 +30,7 @@ from clu import metric_writers
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vfocal_jax import checkpoints, evaluate, mixup, optim, sharding
+from vfocal_jax import checkpoints, evaluate, mixup, optim, pixels, sharding
 from vfocal_jax.metrics import TrainMetrics
 from vfocal_jax.train_state import TrainState, create_train_state
 
@@ -97,8 +97,9 @@ def load_pretrained(params: Any, pretrained: Any) -> tuple[Any, list[str]]:
 
 # --- The step. -------------------------------------------------------------------------------
 
-def _loss_and_grads(model, params, video, labels, rng, config, num_classes):
+def _loss_and_grads(model, params, video, pixel_affine, labels, rng, config, num_classes):
   r_mix, r_drop = jax.random.split(rng)
+  video = pixels.normalize(video, pixel_affine)
   if config.mixup_alpha > 0 or config.cutmix_alpha > 0:
     video, targets, _ = mixup.mixup_cutmix(
         r_mix, video, labels, num_classes=num_classes, label_smoothing=config.label_smoothing,
@@ -121,10 +122,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: opt
                batch_spec: P | None = None) -> tuple[TrainState, TrainMetrics]:
   """One optimizer update on a global batch (``accumulation_steps`` micro-batches)."""
   step_rng = jax.random.fold_in(state.rng, state.step)
-  video, labels = batch["video"], batch["label"]
+  video, affine, labels = batch["video"], batch["pixel_affine"], batch["label"]
   accum = int(config.accumulation_steps)
   if accum <= 1:
-    loss, top1, grads = _loss_and_grads(model, state.params, video, labels, step_rng, config, num_classes)
+    loss, top1, grads = _loss_and_grads(model, state.params, video, affine, labels, step_rng, config,
+                                        num_classes)
   else:
     # Rows j*accum + a form micro-batch a: each device keeps its own rows.
     def split(x):
@@ -136,13 +138,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: opt
 
     def body(carry, xs):
       g_sum, l_sum, t_sum = carry
-      a, v, y = xs
-      l, t, g = _loss_and_grads(model, state.params, v, y, jax.random.fold_in(step_rng, a), config, num_classes)
+      a, v, pa, y = xs
+      l, t, g = _loss_and_grads(model, state.params, v, pa, y, jax.random.fold_in(step_rng, a), config,
+                                num_classes)
       return (jax.tree.map(jnp.add, g_sum, g), l_sum + l, t_sum + t), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    (grads, loss, top1), _ = jax.lax.scan(body, init, (jnp.arange(accum), split(video), split(labels)))
+    (grads, loss, top1), _ = jax.lax.scan(body, init, (jnp.arange(accum), split(video), split(affine), split(labels)))
     grads = jax.tree.map(lambda g: g / accum, grads)
     loss, top1 = loss / accum, top1 / accum
 
@@ -185,6 +188,7 @@ class Trainer:
     self.state_sharding = sharding.state_shardings(
         self.abstract_state, self.mesh, rules=rules, fsdp=config.fsdp, fsdp_min_size=config.fsdp_min_size)
     self.batch_sharding = {"video": sharding.batch_sharding(self.mesh, 5),
+                           "pixel_affine": sharding.batch_sharding(self.mesh, 3),
                            "label": sharding.batch_sharding(self.mesh, 1)}
     step = functools.partial(train_step, model=self.model, tx=self.tx, schedule=self.schedule, config=config,
                              num_classes=self.num_classes, batch_spec=(sharding.DATA,))
@@ -205,7 +209,8 @@ class Trainer:
     return state.replace(params=params)
 
   def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    return sharding.global_batch({"video": local_batch["video"], "label": local_batch["label"]}, self.mesh)
+    local_batch = pixels.with_pixel_affine(local_batch)
+    return sharding.global_batch({k: local_batch[k] for k in self.batch_sharding}, self.mesh)
 
 
 # --- The loop. -------------------------------------------------------------------------------

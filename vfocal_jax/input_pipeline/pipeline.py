@@ -2,9 +2,14 @@
 
 Flow (train): this host's shard files -> interleaved reads -> shuffle of the
 serialized records -> per record, in parallel: parse, sample frame indices,
-decode only those JPEGs (inside the crop window), augment, normalise ->
-skip-and-count bad records -> batch -> prefetch. NumPy comes out; nothing
-here knows the model or JAX.
+decode only those JPEGs (inside the crop window), crop, flip, resize to uint8,
+draw the colour jitter -> skip-and-count bad records -> batch -> prefetch.
+NumPy comes out; nothing here knows the model or JAX.
+
+Clips come out as uint8 pixels plus a per-clip `pixel_affine` (4, 3) that
+holds the colour jitter and the normalisation; the jitted step applies it
+(`vfocal_jax.pixels.normalize`). Full-size float work on the host was 40% of
+the pipeline's time, and uint8 batches are a quarter of the bytes to move.
 
 A bad record (corrupt proto or JPEG, label out of range, no frames) must not
 stop training: the parallel map is followed by `ignore_errors()`, records
@@ -114,8 +119,8 @@ def _check_label(label: tf.Tensor, num_classes: int | None) -> tf.Tensor:
 
 
 def _train_clip(ex: dict, seed: tf.Tensor, cfg, *, kind: str, num_frames: int,
-                image_size: int) -> tf.Tensor:
-  """Sampled, decoded, augmented, normalised clip (T, S, S, 3) float32."""
+                image_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """Sampled, decoded, cropped, flipped, resized clip (T, S, S, 3) uint8 and its (4, 3) pixel_affine."""
   frames = ex["frames"]
   n = tf.shape(frames)[0]
   idx = sampling.train_indices(n, num_frames, sampling=cfg.sampling, interval=int(cfg.frame_interval),
@@ -143,14 +148,13 @@ def _train_clip(ex: dict, seed: tf.Tensor, cfg, *, kind: str, num_frames: int,
       brightness=float(cfg.brightness), contrast=float(cfg.contrast), saturation=float(cfg.saturation),
       hue=float(cfg.hue), grayscale_prob=float(cfg.grayscale_prob), seed=fold(4))
   w, c = transforms.affine_with_normalization(a, b, tuple(cfg.mean), tuple(cfg.std))
-  video = transforms.resize(video, (image_size, image_size))
-  video = transforms.apply_affine(video, w, c)
-  return tf.ensure_shape(video, [num_frames, image_size, image_size, 3])
+  video = transforms.resize_uint8(video, (image_size, image_size))
+  return tf.ensure_shape(video, [num_frames, image_size, image_size, 3]), transforms.pixel_affine(w, c)
 
 
 def _eval_clip(ex: dict, seed: tf.Tensor, cfg, *, kind: str, num_frames: int, image_size: int,
                num_clips: int, num_crops: int) -> tf.Tensor:
-  """All test views of one video, (V, T, S, S, 3) float32."""
+  """All test views of one video, (V, T, S, S, 3) uint8 (normalised by the `pixel_affine` of the batch)."""
   frames = ex["frames"]
   n = tf.shape(frames)[0]
   idx = sampling.eval_indices(n, num_frames, sampling=cfg.sampling, interval=int(cfg.frame_interval),
@@ -158,8 +162,7 @@ def _eval_clip(ex: dict, seed: tf.Tensor, cfg, *, kind: str, num_frames: int, im
   picked = _gather_frames(frames, tf.reshape(idx, [-1]), kind, num_clips * num_frames)
   views = transforms.eval_views(picked, num_clips=num_clips, num_frames=num_frames,
                                 image_size=image_size, num_crops=num_crops,
-                                resize_ratio=float(cfg.eval_resize_ratio), mean=tuple(cfg.mean),
-                                std=tuple(cfg.std))
+                                resize_ratio=float(cfg.eval_resize_ratio))
   return tf.ensure_shape(views, [num_clips * num_crops, num_frames, image_size, image_size, 3])
 
 
@@ -172,9 +175,19 @@ def _parse(raw: dict, source: str) -> dict:
 _WINDOW = 16   # files of the last records each element remembers, to name skipped ones
 
 
-def _process_safely(ds: tf.data.Dataset, process, video_shape: list[int], *, source: str,
+def _features_spec(video_shape: list[int]) -> dict[str, tf.TensorSpec]:
+  """What `process` returns for one record (and what end markers and padding hold)."""
+  return {"video": tf.TensorSpec(video_shape, tf.uint8), "pixel_affine": tf.TensorSpec([4, 3], tf.float32),
+          "label": tf.TensorSpec([], tf.int32)}
+
+
+def _zeros(spec: dict[str, tf.TensorSpec]) -> dict[str, tf.Tensor]:
+  return {k: tf.zeros(s.shape, s.dtype) for k, s in spec.items()}
+
+
+def _process_safely(ds: tf.data.Dataset, process, spec: dict[str, tf.TensorSpec], *, source: str,
                     num_threads: int) -> tf.data.Dataset:
-  """Runs `process` on every (index, raw) element in parallel; failures disappear.
+  """Runs `process` (-> dict matching `spec`) on every (index, raw) element in parallel; failures disappear.
 
   Each element first records the shard files of the last `_WINDOW` raw
   elements (a cheap scan), then the heavy `process` runs in a parallel map
@@ -193,22 +206,19 @@ def _process_safely(ds: tf.data.Dataset, process, video_shape: list[int], *, sou
 
   def run(index, raw, files):
     def good():
-      ex = _parse(raw, source)
-      video, label = process(ex, index)
-      return video, label
+      return process(_parse(raw, source), index)
 
     def end_marker():
-      return tf.zeros(video_shape, tf.float32), tf.constant(-1, tf.int32)
+      return _zeros(spec)
 
-    video, label = tf.cond(raw["is_end"], end_marker, good)
-    return {"video": video, "label": label, "index": index, "files": files,
-            "missing": raw["missing"], "is_end": raw["is_end"]}
+    features = tf.cond(raw["is_end"], end_marker, good)
+    return dict(features, index=index, files=files, missing=raw["missing"], is_end=raw["is_end"])
 
   ds = ds.map(run, num_parallel_calls=num_threads, deterministic=True)
   return ds.ignore_errors()
 
 
-def _count_and_drop_skipped(ds: tf.data.Dataset, video_shape: list[int], log: bool) -> tf.data.Dataset:
+def _count_and_drop_skipped(ds: tf.data.Dataset, spec: dict[str, tf.TensorSpec], log: bool) -> tf.data.Dataset:
   """Cumulative skip count on every good element; end markers are dropped."""
 
   def step(state, elem):
@@ -237,8 +247,8 @@ def _count_and_drop_skipped(ds: tf.data.Dataset, video_shape: list[int], log: bo
 
   ds = ds.scan((tf.constant(-1, tf.int64), tf.constant(0, tf.int64)), step)
   ds = ds.filter(lambda e: tf.logical_not(e["is_end"]))
-  return ds.map(lambda e: {"video": tf.ensure_shape(e["video"], video_shape), "label": e["label"],
-                           "num_skipped": e["num_skipped"]})
+  return ds.map(lambda e: dict({k: tf.ensure_shape(e[k], s.shape) for k, s in spec.items()},
+                                num_skipped=e["num_skipped"]))
 
 
 # --- Sources. -----------------------------------------------------------------
@@ -353,20 +363,20 @@ def build_train_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int,
   ds = ds.enumerate()
   base = tf.constant([seed, process_index], tf.int64)
   num_classes = split.info.num_classes
-  video_shape = [num_frames, image_size, image_size, 3]
+  spec = _features_spec([num_frames, image_size, image_size, 3])
 
   def process(ex, index):
     example_seed = tf.random.experimental.stateless_fold_in(base, index)
     label = _check_label(ex["label"], num_classes)
-    return _train_clip(ex, example_seed, cfg, kind=kind, num_frames=num_frames,
-                       image_size=image_size), label
+    video, affine = _train_clip(ex, example_seed, cfg, kind=kind, num_frames=num_frames,
+                                image_size=image_size)
+    return {"video": video, "pixel_affine": affine, "label": label}
 
   threads = _num_threads(cfg)
-  ds = _process_safely(ds, process, video_shape, source=cfg.source, num_threads=threads)
-  ds = _count_and_drop_skipped(ds, video_shape, bool(cfg.log_skipped))
+  ds = _process_safely(ds, process, spec, source=cfg.source, num_threads=threads)
+  ds = _count_and_drop_skipped(ds, spec, bool(cfg.log_skipped))
   ds = ds.batch(batch_size, drop_remainder=True)
-  ds = ds.map(lambda b: {"video": b["video"], "label": b["label"],
-                         "num_skipped": tf.reduce_max(b["num_skipped"])})
+  ds = ds.map(lambda b: dict(b, num_skipped=tf.reduce_max(b["num_skipped"])))
   ds = ds.prefetch(int(cfg.prefetch_batches))
   return ds.with_options(_options(cfg)), split.info
 
@@ -385,28 +395,27 @@ def build_eval_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int, 
   kind = _raw_frames_kind(split.raw, cfg.source)
   num_batches = max(1, max(math.ceil(n / batch_size) for n in split.num_per_host))
   num_views = num_clips * num_crops
-  video_shape = [num_views, num_frames, image_size, image_size, 3]
+  spec = _features_spec([num_views, num_frames, image_size, image_size, 3])
   base = tf.constant([seed, process_index], tf.int64)
   num_classes = split.info.num_classes
+  affine = transforms.normalization_affine(tuple(cfg.mean), tuple(cfg.std))
 
   def process(ex, index):
     label = _check_label(ex["label"], num_classes)
     example_seed = tf.random.experimental.stateless_fold_in(base, index)
-    return _eval_clip(ex, example_seed, cfg, kind=kind, num_frames=num_frames, image_size=image_size,
-                      num_clips=num_clips, num_crops=num_crops), label
+    video = _eval_clip(ex, example_seed, cfg, kind=kind, num_frames=num_frames, image_size=image_size,
+                       num_clips=num_clips, num_crops=num_crops)
+    return {"video": video, "pixel_affine": affine, "label": label}
 
   threads = _num_threads(cfg)
-  ds = _process_safely(split.raw.enumerate(), process, video_shape, source=cfg.source,
-                       num_threads=threads)
-  ds = _count_and_drop_skipped(ds, video_shape, bool(cfg.log_skipped))
+  ds = _process_safely(split.raw.enumerate(), process, spec, source=cfg.source, num_threads=threads)
+  ds = _count_and_drop_skipped(ds, spec, bool(cfg.log_skipped))
   ds = ds.map(lambda e: dict(e, mask=tf.constant(True)))
-  padding = tf.data.Dataset.from_tensors({
-      "video": tf.zeros(video_shape, tf.float32), "label": tf.constant(0, tf.int32),
-      "num_skipped": tf.constant(-1, tf.int64), "mask": tf.constant(False)}).repeat()
+  padding = tf.data.Dataset.from_tensors(
+      dict(_zeros(spec), num_skipped=tf.constant(-1, tf.int64), mask=tf.constant(False))).repeat()
   ds = ds.concatenate(padding).take(num_batches * batch_size)
   ds = ds.batch(batch_size, drop_remainder=True)
-  ds = ds.map(lambda b: {"video": b["video"], "label": b["label"], "mask": b["mask"],
-                         "num_skipped": tf.reduce_max(b["num_skipped"])})
+  ds = ds.map(lambda b: dict(b, num_skipped=tf.reduce_max(b["num_skipped"])))
   ds = ds.prefetch(int(cfg.prefetch_batches))
   return ds.with_options(_options(cfg)), split.info, num_batches, split.num_local
 
@@ -448,8 +457,9 @@ class TrainIterator:
 class EvalIterator:
   """A finite pass over the eval split; iterate it again for another pass.
 
-  Every host yields `num_batches` batches of `video` (B, V, T, S, S, 3),
-  `label` (B,), `mask` (B,) (False on padding) and `num_skipped`; the real
+  Every host yields `num_batches` batches of `video` uint8 (B, V, T, S, S, 3),
+  `pixel_affine` float32 (B, 4, 3) (the normalisation), `label` (B,), `mask`
+  (B,) (False on padding) and `num_skipped`; the real
   examples of all hosts together are the split, each exactly once.
   """
 
@@ -492,8 +502,11 @@ def create_train_iterator(data_cfg: ml_collections.ConfigDict, *, batch_size: in
     process_index, process_count: this host and the number of hosts.
 
   Yields:
-    dicts of NumPy: `video` float32 (B, T, S, S, 3) normalised, `label` int32
-    (B,), `num_skipped` int64 (cumulative bad records on this host).
+    dicts of NumPy: `video` uint8 (B, T, S, S, 3) pixels, `pixel_affine`
+    float32 (B, 4, 3) with each clip's colour jitter and normalisation
+    (`vfocal_jax.pixels.normalize(video, pixel_affine)` is the model input),
+    `label` int32 (B,), `num_skipped` int64 (cumulative bad records on this
+    host).
   """
   ds, info = build_train_dataset(data_cfg, batch_size=batch_size, seed=seed, num_frames=num_frames,
                                  image_size=image_size, process_index=process_index,
@@ -521,7 +534,7 @@ def create_eval_iterator(data_cfg: ml_collections.ConfigDict, *, batch_size: int
 def eval_views_from_frames(frames: np.ndarray, *, num_frames: int, image_size: int, num_clips: int = 1,
                            num_crops: int = 1, data_cfg: ml_collections.ConfigDict | None = None,
                            seed: int = 0) -> np.ndarray:
-  """The eval pipeline's views of a decoded video, float32 (V, T, S, S, 3).
+  """The eval pipeline's views of a decoded video, normalised float32 (V, T, S, S, 3).
 
   Args:
     frames: uint8 (N, H, W, 3), e.g. from `decode_video_file`.
@@ -538,6 +551,5 @@ def eval_views_from_frames(frames: np.ndarray, *, num_frames: int, image_size: i
                               clip_offsets=cfg.eval_clip_offsets, seed=tf.constant([seed, 0], tf.int64))
   picked = tf.convert_to_tensor(frames[idx.numpy().reshape(-1)].astype(np.uint8))
   views = transforms.eval_views(picked, num_clips=num_clips, num_frames=num_frames, image_size=image_size,
-                                num_crops=num_crops, resize_ratio=float(cfg.eval_resize_ratio),
-                                mean=tuple(cfg.mean), std=tuple(cfg.std))
-  return views.numpy()
+                                num_crops=num_crops, resize_ratio=float(cfg.eval_resize_ratio))
+  return transforms.apply_affine(views, transforms.normalization_affine(tuple(cfg.mean), tuple(cfg.std))).numpy()

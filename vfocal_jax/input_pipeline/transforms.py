@@ -1,6 +1,9 @@
 """Spatial transforms of a clip: one set of random parameters for all its frames.
 
-Pixels stay in 0..255 float32 until `normalize`. Geometry follows the
+Clips leave the pipeline as uint8 pixels with a per-clip affine colour map
+(`pixel_affine`, colour jitter and normalisation in one (4, 3) matrix) that
+the device applies (`vfocal_jax.pixels`): a quarter of the bytes of float32
+clips to batch and transfer, and no full-size float passes on the host. Geometry follows the
 official (mmaction) pipeline: resize the short side with round-half-up sizes,
 RandomResizedCrop with 10 attempts and a centred square fallback, centre crop
 at ((H - S) // 2, (W - S) // 2), and ThreeCrop at offsets 0, 2 * step, step
@@ -59,6 +62,11 @@ def random_resized_crop_box(height: tf.Tensor, width: tf.Tensor, *, area_range: 
 def resize(video: tf.Tensor, size: tuple) -> tf.Tensor:
   """Bilinear resize of (..., H, W, 3) frames to `size`, float32 0..255."""
   return tf.image.resize(tf.cast(video, tf.float32), size, method="bilinear", antialias=False)
+
+
+def resize_uint8(video: tf.Tensor, size: tuple) -> tf.Tensor:
+  """`resize` rounded to uint8 (half up), as image libraries resize uint8 frames."""
+  return tf.cast(resize(video, size) + 0.5, tf.uint8)   # bilinear stays inside 0..255
 
 
 def flip(video: tf.Tensor, prob: float, seed: tf.Tensor) -> tf.Tensor:
@@ -153,15 +161,21 @@ def affine_with_normalization(a: tf.Tensor, b: tf.Tensor, mean: Sequence[float],
   return tf.transpose(a) * inv_std, (b - _constant(mean)) * inv_std
 
 
-def apply_affine(video: tf.Tensor, w: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
-  """x @ w + c for every pixel of float (..., 3) frames, as one fused MatMul + BiasAdd."""
+def pixel_affine(w: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
+  """(4, 3) float32 [W; c]: a pixel x maps to [x, 1] @ pixel_affine (see `vfocal_jax.pixels`)."""
+  return tf.concat([w, c[None]], axis=0)
+
+
+def normalization_affine(mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
+  """`pixel_affine` of the plain normalisation (x - mean) / std."""
+  return pixel_affine(*affine_with_normalization(tf.eye(3), tf.zeros([3]), mean, std))
+
+
+def apply_affine(video: tf.Tensor, affine: tf.Tensor) -> tf.Tensor:
+  """[x, 1] @ affine for every pixel of (..., 3) frames, float32 (host-side twin of `pixels.normalize`)."""
   shape = tf.shape(video)
-  out = tf.nn.bias_add(tf.matmul(tf.reshape(video, [-1, 3]), w), c)
+  out = tf.nn.bias_add(tf.matmul(tf.reshape(tf.cast(video, tf.float32), [-1, 3]), affine[:3]), affine[3])
   return tf.reshape(out, shape)
-
-
-def normalize(video: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
-  return (tf.cast(video, tf.float32) - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
 def eval_crop_offsets(height: tf.Tensor, width: tf.Tensor, crop: int, num_crops: int) -> tf.Tensor:
@@ -180,23 +194,22 @@ def eval_crop_offsets(height: tf.Tensor, width: tf.Tensor, crop: int, num_crops:
 
 
 def eval_views(frames: tf.Tensor, *, num_clips: int, num_frames: int, image_size: int, num_crops: int,
-               resize_ratio: float, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
+               resize_ratio: float) -> tf.Tensor:
   """Test views of already sampled frames.
 
   Args:
     frames: (num_clips * num_frames, H, W, 3) uint8/float, clip-major.
   Returns:
-    float32 (num_clips * num_crops, num_frames, S, S, 3), normalised; view
-    v = clip * num_crops + crop.
+    uint8 (num_clips * num_crops, num_frames, S, S, 3) pixels (normalise with
+    `normalization_affine`); view v = clip * num_crops + crop.
   """
   shape = tf.shape(frames)
   short = image_size if num_crops == 3 else int(resize_ratio * image_size)
   h, w = short_side_size(shape[1], shape[2], short)
-  resized = resize(frames, (h, w))
+  resized = resize_uint8(frames, (h, w))
   offsets = eval_crop_offsets(h, w, image_size, num_crops)
   views = tf.stack([  # view v = clip * num_crops + crop, one copy
       resized[k * num_frames:(k + 1) * num_frames, offsets[i, 0]:offsets[i, 0] + image_size,
               offsets[i, 1]:offsets[i, 1] + image_size]
       for k in range(num_clips) for i in range(num_crops)])
-  w, c = affine_with_normalization(tf.eye(3), tf.zeros([3]), mean, std)
-  return apply_affine(views, w, c)
+  return views
