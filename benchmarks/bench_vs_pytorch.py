@@ -1,10 +1,10 @@
 """JAX vs PyTorch on this CPU: Video-FocalNet, float32, one clip, same weights.
 
-    .venv/bin/python benchmarks/bench_vs_pytorch.py [--variant=tiny] [--rounds=7] [--frames=8]
-        [--size=224] [--batch=1] [--threads=N] [--skip_train]
+    .venv/bin/python benchmarks/bench_vs_pytorch.py [--variant=tiny] [--rounds=7] [--blocks=1]
+        [--frames=8] [--size=224] [--batch=1] [--threads=N] [--skip_train] [--no-malloc_thp]
 
-What is timed (median of `--rounds`, the four timed in alternation so that a
-noisy, shared machine hits both frameworks alike; compile and warm-up excluded):
+What is timed (median of `--rounds` calls per framework and `--blocks` repeats;
+compile and warm-up excluded):
 
 * eval forward: `jax.jit(model.apply)(params, video, train=False)` vs
   `torch_model.eval()` forward under `torch.inference_mode()`;
@@ -12,6 +12,28 @@ noisy, shared machine hits both frameworks alike; compile and warm-up excluded):
   donated params/optimizer state vs PyTorch `zero_grad(); loss.backward();
   opt.step()` with `torch.optim.SGD(momentum=0.9)`. Dropout and stochastic
   depth are 0 in both so both compute the same thing.
+
+Methodology. Each framework is timed in its own block (JAX: all forward
+rounds, then all train rounds; then PyTorch likewise), never call by call in
+alternation: PyTorch's OpenMP worker threads keep spinning for a while after
+each call (default wait policy, which is what PyTorch users get and is left
+alone here), and in alternation that spin stole cores from the next JAX call
+(train step 3.1 s alone, 5.1 s alternating). The process sleeps
+`--settle_s` after every PyTorch block and after the PyTorch warm-up, so the
+spin never overlaps a JAX timing; JAX's own threads idle passively. With
+`--blocks=N` the pair (JAX block, PyTorch block) is repeated N times, so that
+slow drifts of a shared machine hit both.
+
+Memory allocation. XLA:CPU allocates each call's temporary buffer (4.4 GB for
+the T train step) with glibc `malloc`, which mmaps it fresh and unmaps it
+after every call: ~1 M page faults (4 KiB) per step, ~2 s of kernel time on 2
+cores. By default the script re-executes itself with
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35: malloc madvises its
+mmapped chunks for transparent huge pages; the kernel's THP mode is usually
+`madvise`), which cuts the faults 500x. It is a process-wide setting, so
+PyTorch runs under it too; `--no-malloc_thp` measures without it. The same
+variable helps any JAX-on-CPU training process (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1
+python main.py ...`).
 
 The PyTorch model is `benchmarks/torch_video_focalnet.py` (official layout);
 its random weights are converted with `vfocal_jax.convert` and the logits are
@@ -105,7 +127,15 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
   parser.add_argument("--skip_train", action="store_true")
+  parser.add_argument("--blocks", type=int, default=1, help="repeats of (JAX block, PyTorch block)")
+  parser.add_argument("--settle_s", type=float, default=1.0,
+                      help="sleep after each PyTorch block (its OpenMP threads spin on after a call)")
+  parser.add_argument("--malloc_thp", action=argparse.BooleanOptionalAction, default=True,
+                      help="re-exec with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (see the docstring)")
   args = parser.parse_args()
+  if args.malloc_thp and "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", ""):
+    tunables = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=1"]))
+    os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, "GLIBC_TUNABLES": tunables})
 
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -172,11 +202,15 @@ def main() -> None:
     topt.step()
     return loss
 
-  # --- Check both compute the same thing, compile, warm up.
+  # --- Check both compute the same thing, compile, warm up (PyTorch first, then let its threads settle).
+  logits_t = torch_forward().numpy()
+  if not args.skip_train:
+    torch_train()
+  torch_forward()
+  time.sleep(args.settle_s)
   t0 = time.perf_counter()
   logits_j = np.asarray(forward(params, video_j))
   compile_fwd = time.perf_counter() - t0
-  logits_t = torch_forward().numpy()
   diff = float(np.max(np.abs(logits_j - logits_t)))
   scale = float(np.max(np.abs(logits_t)))
   # The train step donates its own copy of the params (PyTorch updates in place).
@@ -193,7 +227,6 @@ def main() -> None:
     t0 = time.perf_counter()
     jax_train()
     compile_train = time.perf_counter() - t0
-    torch_train()
 
   def time_call(fn) -> tuple[float, int]:
     base = sampler.reset()
@@ -202,22 +235,25 @@ def main() -> None:
     dt = time.perf_counter() - t
     return dt, sampler.peak() - base
 
-  calls = {
-      "jax_fwd": lambda: forward(params, video_j).block_until_ready(),
-      "torch_fwd": torch_forward,
+  blocks = {
+      "jax": {"jax_fwd": lambda: forward(params, video_j).block_until_ready()},
+      "torch": {"torch_fwd": torch_forward},
   }
   if not args.skip_train:
-    calls["jax_train"] = jax_train
-    calls["torch_train"] = torch_train
-  for fn in calls.values():  # one more warm-up each
-    fn()
-  times: dict[str, list[float]] = {k: [] for k in calls}
-  mem: dict[str, int] = {k: 0 for k in calls}
-  for _ in range(args.rounds):
-    for name, fn in calls.items():
-      dt, grow = time_call(fn)
-      times[name].append(dt)
-      mem[name] = max(mem[name], grow)
+    blocks["jax"]["jax_train"] = jax_train
+    blocks["torch"]["torch_train"] = torch_train
+  times: dict[str, list[float]] = {k: [] for calls in blocks.values() for k in calls}
+  mem: dict[str, int] = {k: 0 for k in times}
+  for _ in range(args.blocks):
+    for framework, calls in blocks.items():
+      for name, fn in calls.items():
+        fn()  # warm-up (the first call after a switch of function or framework)
+        for _ in range(args.rounds):
+          dt, grow = time_call(fn)
+          times[name].append(dt)
+          mem[name] = max(mem[name], grow)
+      if framework == "torch":
+        time.sleep(args.settle_s)
   sampler.close()
 
   macs = summary.count_macs(
@@ -229,11 +265,12 @@ def main() -> None:
   gib = 1 / 2 ** 20  # ru_maxrss is KiB on Linux
 
   print(f"\nVideo-FocalNet-{args.variant[0].upper()} float32, batch {args.batch}, "
-        f"{args.frames}x{args.size}x{args.size}, median of {args.rounds} alternating rounds")
+        f"{args.frames}x{args.size}x{args.size}, median of {args.rounds} rounds x {args.blocks} block(s) "
+        "per framework (JAX block, then PyTorch block)")
   print(f"machine: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores "
         f"(shared with other work while measured); jax {jax.__version__} ({jax.default_backend()}), "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads); "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
   print(f"load average (1 min) before / after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f} "
         "(above ~0 means other work shared the cores; PyTorch's OpenMP barriers suffer most)")
   print(f"logits max |jax - torch| = {diff:.2e} (max |logit| {scale:.2f}); "
