@@ -217,3 +217,17 @@ def test_dense_init_schemes():
       np.testing.assert_array_equal(official[key], fan_in[key], err_msg=key)
   with pytest.raises(ValueError, match="dense_init='xavier'"):
     create_model("custom", num_frames=FRAMES, dense_init="xavier", **ARCH).init(jax.random.key(0), video)
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_pointwise_conv_matches_nn_conv(ndim):
+  """layers.PointwiseConv (a matmul) == the 1x1 nn.Conv it replaces: same params (names, shapes, init), same output."""
+  from vfocal_jax.models import layers  # noqa: PLC0415
+  x = jnp.asarray(np.random.default_rng(ndim).normal(size=(2,) + (3,) * ndim + (5,)), jnp.float32)
+  ref = layers.conv(7, (1,) * ndim, "h", jnp.float32, jnp.float32)
+  new = layers.PointwiseConv(7, ndim, name="h")
+  params = ref.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, new.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape, params)
+  np.testing.assert_array_equal(new.init(jax.random.key(0), x)["params"]["kernel"], params["params"]["kernel"])
+  params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(1), p.shape), params)  # nonzero bias too
+  np.testing.assert_allclose(jax.jit(new.apply)(params, x), jax.jit(ref.apply)(params, x), rtol=0, atol=1e-5)

@@ -106,5 +106,26 @@ def conv(features: int, kernel_size: Sequence[int], name: str, dtype: Dtype, par
                  dtype=dtype, param_dtype=param_dtype, kernel_init=conv_kernel_init, name=name)
 
 
+class PointwiseConv(nn.Module):
+  """A 1x1 `nn.Conv` (kernel `(1,)*ndim + (C_in, C_out)`, bias, torch init) computed as one matmul.
+
+  Same parameter names, shapes, init and result as `conv(features, (1,)*ndim, ...)`; on
+  XLA:CPU a 1x1 convolution costs about twice the matmul in forward+backward.
+  """
+  features: int
+  ndim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    kernel = self.param("kernel", conv_kernel_init, (1,) * self.ndim + (c, self.features), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    x = x.astype(self.dtype)
+    y = lax.dot_general(x, kernel.reshape(c, self.features).astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+    return y + bias.astype(self.dtype)
+
+
 drop_path = functools.partial(nn.Dropout, broadcast_dims=(1, 2, 3))
 """Stochastic depth on (B*T', H, W, C): whole frames (rows) are dropped."""

@@ -68,7 +68,7 @@ class FocalModulation(nn.Module):
     ctx_all = _focal_context(ctx, gates, convs, (1, 2))
     if self.normalize_modulator:
       ctx_all = ctx_all / (self.focal_level + 1)
-    return q, conv(c, (1, 1), "h", self.dtype, self.param_dtype)(ctx_all)
+    return q, layers.PointwiseConv(c, 2, self.dtype, self.param_dtype, name="h")(ctx_all)
 
   def _temporal(self, x: jax.Array, c: int) -> jax.Array:
     """Temporal modulator of tokens `(B*T, H, W, C)`, returned in the same layout."""
@@ -90,7 +90,7 @@ class FocalModulation(nn.Module):
     ctx_all = _focal_context(ctx, gates, convs, (1,))
     if self.normalize_modulator:
       ctx_all = ctx_all / (self.focal_level + 1)
-    mod = conv(c, (1,), "h_temporal", self.dtype, self.param_dtype)(ctx_all)
+    mod = layers.PointwiseConv(c, 1, self.dtype, self.param_dtype, name="h_temporal")(ctx_all)
     return mod.reshape(bt // t, h, w, t, c).transpose(0, 3, 1, 2, 4).reshape(bt, h, w, c)
 
   def _joint3d(self, x: jax.Array, c: int) -> tuple[jax.Array, jax.Array]:
@@ -106,7 +106,7 @@ class FocalModulation(nn.Module):
     ctx_all = _focal_context(ctx, gates, convs, (1, 2, 3))
     if self.normalize_modulator:
       ctx_all = ctx_all / (self.focal_level + 1)
-    mod = conv(c, (1, 1, 1), "h", self.dtype, self.param_dtype)(ctx_all)
+    mod = layers.PointwiseConv(c, 3, self.dtype, self.param_dtype, name="h")(ctx_all)
     return q.reshape(bt, h, w, c), mod.reshape(bt, h, w, c)
 
   @nn.compact
