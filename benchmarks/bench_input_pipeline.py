@@ -6,13 +6,19 @@ Writes synthetic shards with 256 x 340 px JPEG frames (the K400 layout after
 `make_shards --short_side 256`), then measures, with `--threads` tf.data
 threads:
   * the training pipeline at 8 x 224 x 224 (segment sampling, random resized
-    crop, flip, colour jitter, grayscale, normalise): clips/s;
+    crop, flip, resize to uint8, colour jitter + normalisation drawn as the
+    per-clip `pixel_affine` that the device applies): clips/s;
   * the ceiling: plain `tf.io.decode_jpeg` of the same frames, in frames/s,
     divided by 8 -> clips/s; the ratio pipeline / ceiling is the figure of
     merit (target >= 0.8; it can exceed 1 because the pipeline decodes only
     the crop window);
   * the evaluation pipeline with 4 clips x 3 crops (32 frames decoded per
-    video): videos/s.
+    video): videos/s;
+  * where the train pipeline's time goes, each part alone on the same
+    thread budget, in ms per clip: reading the records (TFRecord files, all
+    frames of a video), reading + parsing them, and decoding the 8 sampled
+    frames inside random-resized-crop windows with and without the resize
+    to 224 x 224.
 """
 from __future__ import annotations
 
@@ -66,6 +72,38 @@ def rate(iterator, count_fn, seconds: float, warmup: int = 3) -> float:
   return n / (time.perf_counter() - start)
 
 
+def breakdown(directory: str, jpegs: list[bytes], frames_per_video: int, options: tf.data.Options,
+              threads: int, seconds: float) -> dict[str, float]:
+  """ms per clip of the train pipeline's parts, each alone (see the module docstring)."""
+  from vfocal_jax.input_pipeline import transforms  # noqa: PLC0415
+  files = tf.io.gfile.glob(os.path.join(directory, "*.tfrecord"))
+  records = tf.data.TFRecordDataset(files).repeat()
+  rng = np.random.default_rng(1)
+  picks = rng.integers(0, len(jpegs), (256, 8))
+  clips = tf.data.Dataset.from_tensor_slices([[jpegs[i] for i in row] for row in picks]).repeat()
+
+  def crop_decode(frames, size=None):
+    shape = tf.image.extract_jpeg_shape(frames[0])
+    box = transforms.random_resized_crop_box(shape[0], shape[1], area_range=(0.08, 1.0),
+                                             aspect_ratio_range=(3 / 4, 4 / 3),
+                                             seed=tf.stack([tf.strings.to_hash_bucket_fast(frames[0], 1 << 30),
+                                                            tf.constant(0, tf.int64)]))
+    video = tf.stack([tf.image.decode_and_crop_jpeg(frames[i], box, channels=3) for i in range(8)])
+    return transforms.resize_uint8(video, (size, size)) if size else tf.shape(video)
+
+  parts = {
+      f"read records ({frames_per_video} JPEG frames each)": records.map(tf.strings.length),
+      "read + parse records": records.map(lambda r: tf.shape(shard_format.parse_sequence_example(r)["frames"])),
+      "decode 8 frames inside a random-resized-crop window": clips.map(crop_decode),
+      "  ... + resize to 224x224 uint8": clips.map(lambda f: crop_decode(f, 224)[0, 0, 0]),
+  }
+  out = {}
+  for name, ds in parts.items():
+    it = iter(ds.map(lambda x: x, num_parallel_calls=threads).prefetch(2).with_options(options))
+    out[name] = 1000 / rate(it, lambda _: 1, seconds)
+  return out
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--threads", type=int, default=1, help="tf.data threads (1 = per core)")
@@ -105,6 +143,7 @@ def main() -> None:
         yield from ev
 
     videos_per_s = rate(eval_batches(), lambda b: int(b["mask"].sum()), args.seconds, warmup=1)
+    parts = breakdown(tmp, jpegs, args.frames_per_video, options, args.threads, args.seconds / 2)
 
   per = "per core" if args.threads == 1 else f"with {args.threads} threads"
   print(f"raw tf.io.decode_jpeg (256x340): {frames_per_s:8.1f} frames/s {per} -> ceiling "
@@ -113,6 +152,10 @@ def main() -> None:
         f"ratio to ceiling {clips_per_s / ceiling:.2f}")
   print(f"eval pipeline 4x3 views:         {videos_per_s:8.1f} videos/s {per} "
         f"({12 * videos_per_s:.1f} views/s)")
+  print(f"\nms per training clip ({per}): whole pipeline {1000 / clips_per_s:.2f}; "
+        f"8 full-frame decodes (ceiling) {1000 / ceiling:.2f}")
+  for name, ms in parts.items():
+    print(f"  {name:58s} {ms:6.2f}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ LENGTHS = [12, 5, 20, 3, 9, 1, 16, 7, 30, 10]   # includes videos shorter than t
 T, S = 4, 32                                      # frames per clip, crop size
 MEAN = np.array([123.675, 116.28, 103.53])
 STD = np.array([58.395, 57.12, 57.375])
+LUMA = np.array([0.299, 0.587, 0.114])
 
 
 # --- Reference: the official sampler, in NumPy. -------------------------------
@@ -88,11 +89,12 @@ def unnormalise(video):
 
 
 def normalised(batch):
-  """The model input of a batch: [x, 1] @ pixel_affine of each clip, in NumPy float64."""
-  video = batch["video"].astype(np.float64)
-  a = batch["pixel_affine"].astype(np.float64)
-  a = a.reshape((a.shape[0],) + (1,) * (video.ndim - 2) + (4, 3))
-  return np.einsum("...i,...ij->...j", video, a[..., :3, :]) + a[..., 3, :]
+  """The model input of a batch: [x, 1, mean luma] @ pixel_affine of each clip, in NumPy float64."""
+  out = []
+  for clip, a in zip(batch["video"].astype(np.float64), batch["pixel_affine"].astype(np.float64)):
+    mean_luma = (clip @ LUMA).mean()
+    out.append(clip @ a[:3] + a[3] + mean_luma * a[4])
+  return np.stack(out)
 
 
 def pixels(batch):
@@ -163,10 +165,11 @@ def test_train_batches_frames_labels_and_normalisation(shards):
     assert batch["video"].shape == (5, T, S, S, 3) and batch["video"].dtype == np.uint8
     assert batch["label"].dtype == np.int32 and batch["num_skipped"] == 0
     # No jitter: every clip's affine is the plain normalisation with the DESIGN constants.
-    assert batch["pixel_affine"].shape == (5, 4, 3) and batch["pixel_affine"].dtype == np.float32
+    assert batch["pixel_affine"].shape == (5, 5, 3) and batch["pixel_affine"].dtype == np.float32
     np.testing.assert_allclose(batch["pixel_affine"][:, :3], np.broadcast_to(np.diag(1 / STD), (5, 3, 3)),
                                rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(batch["pixel_affine"][:, 3], np.broadcast_to(-MEAN / STD, (5, 3)), rtol=1e-6)
+    np.testing.assert_array_equal(batch["pixel_affine"][:, 4], 0)
     for clip, label in zip(pixels(batch), batch["label"]):
       vid = int(testing.video_number(clip)[0])
       seen.add(vid)
@@ -220,30 +223,42 @@ def test_colour_affine_matches_stepwise_reference(to_gray):
   from vfocal_jax.input_pipeline import transforms
   rng = np.random.default_rng(0)
   x = rng.uniform(0, 255, size=(3, 5, 6, 3))
-  mean_gray = (x @ np.array([0.299, 0.587, 0.114])).mean()
+  mean_gray = (x @ LUMA).mean()
   params = dict(b=1.3, c=0.7, s=1.2, theta=0.4)
-  a, off = transforms.color_affine(tf.constant(mean_gray, tf.float32), brightness=tf.constant(1.3),
-                                   contrast=tf.constant(0.7), saturation=tf.constant(1.2),
-                                   hue_angle=tf.constant(0.4), to_gray=tf.constant(to_gray))
-  w, c = transforms.affine_with_normalization(a, off, MEAN, STD)
-  got = transforms.apply_affine(tf.constant(x, tf.float32), transforms.pixel_affine(w, c)).numpy()
+  a, k = transforms.color_affine(brightness=tf.constant(1.3), contrast=tf.constant(0.7),
+                                 saturation=tf.constant(1.2), hue_angle=tf.constant(0.4),
+                                 to_gray=tf.constant(to_gray))
+  got = transforms.apply_affine(tf.constant(x, tf.float32), transforms.pixel_affine(a, k, MEAN, STD)).numpy()
   want = (_ref_jitter(x, mean_gray, **params, to_gray=to_gray) - MEAN) / STD
   np.testing.assert_allclose(got, want, atol=1e-3)
 
 
 def test_colour_draws_are_shared_by_the_frames_and_off_means_identity():
   from vfocal_jax.input_pipeline import transforms
-  same = tf.constant(100.0)
   for s in range(5):
     seed = tf.constant([s, 9], tf.int64)
-    a, b = transforms.color_matrices(same, jitter_prob=1.0, brightness=0.4, contrast=0.4, saturation=0.4,
-                                     hue=0.1, grayscale_prob=0.5, seed=seed)
-    assert a.shape == (3, 3) and b.shape == (3,)      # one draw for the whole clip
+    a, b = transforms.color_matrices(transforms.color_draws(seed), jitter_prob=1.0, brightness=0.4,
+                                     contrast=0.4, saturation=0.4, hue=0.1, grayscale_prob=0.5)
+    assert a.shape == (3, 3) and b.shape == ()        # one draw for the whole clip
     assert not np.allclose(a.numpy(), np.eye(3), atol=1e-3)
-    a, b = transforms.color_matrices(same, jitter_prob=0.0, brightness=0.4, contrast=0.4,
-                                     saturation=0.4, hue=0.1, grayscale_prob=0.0, seed=seed)
+    a, b = transforms.color_matrices(transforms.color_draws(seed), jitter_prob=0.0, brightness=0.4,
+                                     contrast=0.4, saturation=0.4, hue=0.1, grayscale_prob=0.0)
     np.testing.assert_allclose(a.numpy(), np.eye(3), atol=1e-6)
     np.testing.assert_allclose(b.numpy(), 0, atol=1e-6)
+
+
+def test_colour_matrices_of_a_batch_equal_those_of_each_clip():
+  from vfocal_jax.input_pipeline import transforms
+  draws = tf.stack([transforms.color_draws(tf.constant([s, 3], tf.int64)) for s in range(6)])
+  kw = dict(jitter_prob=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, grayscale_prob=0.3)
+  a, k = transforms.color_matrices(draws, **kw)
+  p = transforms.pixel_affine(a, k, MEAN, STD)
+  assert a.shape == (6, 3, 3) and k.shape == (6,) and p.shape == (6, 5, 3)
+  for i in range(6):
+    ai, ki = transforms.color_matrices(draws[i], **kw)
+    np.testing.assert_allclose(a[i].numpy(), ai.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(k[i].numpy(), ki.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(p[i].numpy(), transforms.pixel_affine(ai, ki, MEAN, STD).numpy(), rtol=1e-6)
 
 
 def test_same_seed_same_batches_and_checkpoint_resume(shards, tmp_path):
@@ -256,6 +271,7 @@ def test_same_seed_same_batches_and_checkpoint_resume(shards, tmp_path):
   for x in first:
     y = next(b)
     np.testing.assert_array_equal(x["video"], y["video"])
+    np.testing.assert_array_equal(x["pixel_affine"], y["pixel_affine"])
     np.testing.assert_array_equal(x["label"], y["label"])
   assert not np.array_equal(first[0]["video"], next(c)["video"])
   a.save(str(tmp_path / "iter"))

@@ -6,10 +6,11 @@ decode only those JPEGs (inside the crop window), crop, flip, resize to uint8,
 draw the colour jitter -> skip-and-count bad records -> batch -> prefetch.
 NumPy comes out; nothing here knows the model or JAX.
 
-Clips come out as uint8 pixels plus a per-clip `pixel_affine` (4, 3) that
+Clips come out as uint8 pixels plus a per-clip `pixel_affine` (5, 3) that
 holds the colour jitter and the normalisation; the jitted step applies it
-(`vfocal_jax.pixels.normalize`). Full-size float work on the host was 40% of
-the pipeline's time, and uint8 batches are a quarter of the bytes to move.
+(`vfocal_jax.pixels.normalize`). Full-size float work on the host (the colour
+map and the clip's mean luma) was half of the pipeline's time beside the
+decoding, and uint8 batches are a quarter of the bytes to move.
 
 A bad record (corrupt proto or JPEG, label out of range, no frames) must not
 stop training: the parallel map is followed by `ignore_errors()`, records
@@ -119,8 +120,11 @@ def _check_label(label: tf.Tensor, num_classes: int | None) -> tf.Tensor:
 
 
 def _train_clip(ex: dict, seed: tf.Tensor, cfg, *, kind: str, num_frames: int,
-                image_size: int) -> tuple[tf.Tensor, tf.Tensor]:
-  """Sampled, decoded, cropped, flipped, resized clip (T, S, S, 3) uint8 and its (4, 3) pixel_affine."""
+                image_size: int) -> dict[str, tf.Tensor]:
+  """Sampled, decoded, cropped, flipped, resized clip (T, S, S, 3) uint8, and its colour draws.
+
+  The colour map itself is built per batch (`_batch_pixel_affine`).
+  """
   frames = ex["frames"]
   n = tf.shape(frames)[0]
   idx = sampling.train_indices(n, num_frames, sampling=cfg.sampling, interval=int(cfg.frame_interval),
@@ -143,13 +147,20 @@ def _train_clip(ex: dict, seed: tf.Tensor, cfg, *, kind: str, num_frames: int,
   video = _gather_frames(frames, idx, kind, num_frames, window)     # uint8 crops
   fold = lambda k: tf.random.experimental.stateless_fold_in(seed, k)  # noqa: E731
   video = transforms.flip(video, float(cfg.flip_prob), fold(3))      # cheaper before the resize
-  a, b = transforms.color_matrices(
-      transforms.mean_gray(video), jitter_prob=float(cfg.color_jitter_prob),
-      brightness=float(cfg.brightness), contrast=float(cfg.contrast), saturation=float(cfg.saturation),
-      hue=float(cfg.hue), grayscale_prob=float(cfg.grayscale_prob), seed=fold(4))
-  w, c = transforms.affine_with_normalization(a, b, tuple(cfg.mean), tuple(cfg.std))
   video = transforms.resize_uint8(video, (image_size, image_size))
-  return tf.ensure_shape(video, [num_frames, image_size, image_size, 3]), transforms.pixel_affine(w, c)
+  return {"video": tf.ensure_shape(video, [num_frames, image_size, image_size, 3]),
+          "color_draws": transforms.color_draws(fold(4))}
+
+
+def _batch_pixel_affine(batch: dict, cfg) -> dict:
+  """Replaces the batch's colour draws by its (B, 5, 3) pixel_affine (jitter + normalisation)."""
+  batch = dict(batch)
+  a, k = transforms.color_matrices(
+      batch.pop("color_draws"), jitter_prob=float(cfg.color_jitter_prob), brightness=float(cfg.brightness),
+      contrast=float(cfg.contrast), saturation=float(cfg.saturation), hue=float(cfg.hue),
+      grayscale_prob=float(cfg.grayscale_prob))
+  batch["pixel_affine"] = transforms.pixel_affine(a, k, tuple(cfg.mean), tuple(cfg.std))
+  return batch
 
 
 def _eval_clip(ex: dict, seed: tf.Tensor, cfg, *, kind: str, num_frames: int, image_size: int,
@@ -175,10 +186,11 @@ def _parse(raw: dict, source: str) -> dict:
 _WINDOW = 16   # files of the last records each element remembers, to name skipped ones
 
 
-def _features_spec(video_shape: list[int]) -> dict[str, tf.TensorSpec]:
-  """What `process` returns for one record (and what end markers and padding hold)."""
-  return {"video": tf.TensorSpec(video_shape, tf.uint8), "pixel_affine": tf.TensorSpec([4, 3], tf.float32),
-          "label": tf.TensorSpec([], tf.int32)}
+def _features_spec(video_shape: list[int], **extra: list[int]) -> dict[str, tf.TensorSpec]:
+  """What `process` returns for one record (and what end markers and padding hold): uint8
+  video, int32 label and the float32 `extra` fields of the given shapes."""
+  return dict({"video": tf.TensorSpec(video_shape, tf.uint8), "label": tf.TensorSpec([], tf.int32)},
+              **{k: tf.TensorSpec(shape, tf.float32) for k, shape in extra.items()})
 
 
 def _zeros(spec: dict[str, tf.TensorSpec]) -> dict[str, tf.Tensor]:
@@ -363,20 +375,19 @@ def build_train_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int,
   ds = ds.enumerate()
   base = tf.constant([seed, process_index], tf.int64)
   num_classes = split.info.num_classes
-  spec = _features_spec([num_frames, image_size, image_size, 3])
+  spec = _features_spec([num_frames, image_size, image_size, 3], color_draws=[6])
 
   def process(ex, index):
     example_seed = tf.random.experimental.stateless_fold_in(base, index)
     label = _check_label(ex["label"], num_classes)
-    video, affine = _train_clip(ex, example_seed, cfg, kind=kind, num_frames=num_frames,
-                                image_size=image_size)
-    return {"video": video, "pixel_affine": affine, "label": label}
+    clip = _train_clip(ex, example_seed, cfg, kind=kind, num_frames=num_frames, image_size=image_size)
+    return dict(clip, label=label)
 
   threads = _num_threads(cfg)
   ds = _process_safely(ds, process, spec, source=cfg.source, num_threads=threads)
   ds = _count_and_drop_skipped(ds, spec, bool(cfg.log_skipped))
   ds = ds.batch(batch_size, drop_remainder=True)
-  ds = ds.map(lambda b: dict(b, num_skipped=tf.reduce_max(b["num_skipped"])))
+  ds = ds.map(lambda b: dict(_batch_pixel_affine(b, cfg), num_skipped=tf.reduce_max(b["num_skipped"])))
   ds = ds.prefetch(int(cfg.prefetch_batches))
   return ds.with_options(_options(cfg)), split.info
 
@@ -395,7 +406,7 @@ def build_eval_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int, 
   kind = _raw_frames_kind(split.raw, cfg.source)
   num_batches = max(1, max(math.ceil(n / batch_size) for n in split.num_per_host))
   num_views = num_clips * num_crops
-  spec = _features_spec([num_views, num_frames, image_size, image_size, 3])
+  spec = _features_spec([num_views, num_frames, image_size, image_size, 3], pixel_affine=[5, 3])
   base = tf.constant([seed, process_index], tf.int64)
   num_classes = split.info.num_classes
   affine = transforms.normalization_affine(tuple(cfg.mean), tuple(cfg.std))
@@ -458,7 +469,7 @@ class EvalIterator:
   """A finite pass over the eval split; iterate it again for another pass.
 
   Every host yields `num_batches` batches of `video` uint8 (B, V, T, S, S, 3),
-  `pixel_affine` float32 (B, 4, 3) (the normalisation), `label` (B,), `mask`
+  `pixel_affine` float32 (B, 5, 3) (the normalisation), `label` (B,), `mask`
   (B,) (False on padding) and `num_skipped`; the real
   examples of all hosts together are the split, each exactly once.
   """
@@ -503,7 +514,7 @@ def create_train_iterator(data_cfg: ml_collections.ConfigDict, *, batch_size: in
 
   Yields:
     dicts of NumPy: `video` uint8 (B, T, S, S, 3) pixels, `pixel_affine`
-    float32 (B, 4, 3) with each clip's colour jitter and normalisation
+    float32 (B, 5, 3) with each clip's colour jitter and normalisation
     (`vfocal_jax.pixels.normalize(video, pixel_affine)` is the model input),
     `label` int32 (B,), `num_skipped` int64 (cumulative bad records on this
     host).

@@ -1,9 +1,10 @@
 """Spatial transforms of a clip: one set of random parameters for all its frames.
 
-Clips leave the pipeline as uint8 pixels with a per-clip affine colour map
-(`pixel_affine`, colour jitter and normalisation in one (4, 3) matrix) that
+Clips leave the pipeline as uint8 pixels with a per-clip colour map
+(`pixel_affine`: colour jitter and normalisation in one (5, 3) matrix) that
 the device applies (`vfocal_jax.pixels`): a quarter of the bytes of float32
-clips to batch and transfer, and no full-size float passes on the host. Geometry follows the
+clips to batch and transfer, and no full-size float passes on the host.
+Geometry follows the
 official (mmaction) pipeline: resize the short side with round-half-up sizes,
 RandomResizedCrop with 10 attempts and a centred square fallback, centre crop
 at ((H - S) // 2, (W - S) // 2), and ThreeCrop at offsets 0, 2 * step, step
@@ -80,16 +81,17 @@ def flip(video: tf.Tensor, prob: float, seed: tf.Tensor) -> tf.Tensor:
 # --- Colour: one affine map per clip, fused with the normalisation. ------------
 #
 # Brightness, contrast, saturation, hue and grayscale are all (nearly) linear in
-# RGB, so the whole chain is one 3x3 matrix plus a per-frame offset; with the
-# normalisation folded in, a clip costs one matmul on [R, G, B, 1] pixels
-# instead of a dozen full-size element-wise passes (TF:CPU runs those at ~1 ms
-# per 8x224x224x3 each). Differences from torchvision's ColorJitter: the
-# factors are shared by all frames, the order is fixed (brightness, contrast,
-# saturation, hue), hue is a rotation of the chroma plane in YIQ (instead of
-# an HSV shift), pixels are not clamped to 0..255 between steps, and contrast
-# blends towards the clip's mean luma (taken on a 1/4-strided grid) rather
-# than each frame's. With one offset per clip the map runs as MatMul +
-# BiasAdd, which grappler fuses into one oneDNN op.
+# RGB, so the whole chain is one 3x3 matrix plus offsets; with the
+# normalisation folded in, a clip costs one multiply-add per pixel instead of a
+# dozen full-size element-wise passes. The map is built here, per batch, and
+# applied on the device (`vfocal_jax.pixels.normalize`), which also computes
+# the clip's mean luma m that the contrast step blends towards: a pixel x maps
+# to [x, 1, m] @ pixel_affine, a (5, 3) matrix.
+# Differences from torchvision's ColorJitter: the factors are shared by all
+# frames, the order is fixed (brightness, contrast, saturation, hue), hue is a
+# rotation of the chroma plane in YIQ (instead of an HSV shift), pixels are not
+# clamped to 0..255 between steps, and contrast blends towards the mean luma
+# of the whole clip rather than of each frame.
 
 _YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _GRAY_ROW = np.array(_GRAY)
@@ -99,83 +101,81 @@ def _constant(x) -> tf.Tensor:
   return tf.constant(np.asarray(x, np.float32))
 
 
-def color_affine(mean_gray: tf.Tensor, *, brightness: tf.Tensor, contrast: tf.Tensor,
-                 saturation: tf.Tensor, hue_angle: tf.Tensor,
+def color_affine(*, brightness: tf.Tensor, contrast: tf.Tensor, saturation: tf.Tensor, hue_angle: tf.Tensor,
                  to_gray: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-  """The affine map of given jitter factors: out = pixel @ A^T + b.
+  """The colour map of given jitter factors: out = A x + k m (1, 1, 1), m the clip's mean luma.
 
-  Args:
-    mean_gray: scalar mean luma of the clip (0..255), for the contrast step.
+  Args (all of the same shape (...,): one value per clip, or scalars):
     brightness, contrast, saturation: factors (1 = unchanged).
     hue_angle: rotation of the YIQ chroma plane, radians.
     to_gray: bool, replace the result by its luma.
   Returns:
-    A (3, 3) and b (3,), float32.
+    A (..., 3, 3) and k (...,), float32.
   """
-  eye = tf.eye(3)
   gray = _constant(np.outer(np.ones(3), _GRAY_ROW))          # x -> luma in every channel
   yiq, yiq_inv = _constant(_YIQ), _constant(np.linalg.inv(_YIQ))
   cos, sin = tf.cos(hue_angle), tf.sin(hue_angle)
   zero, one = tf.zeros_like(cos), tf.ones_like(cos)
-  rot = tf.stack([tf.stack([one, zero, zero]), tf.stack([zero, cos, -sin]), tf.stack([zero, sin, cos])])
-  sat_m = saturation * eye + (1.0 - saturation) * gray
-  a = yiq_inv @ rot @ yiq @ sat_m * (contrast * brightness)
-  # Contrast blends with the mean luma after brightness; gray vectors are fixed
-  # points of the saturation and hue maps, so that offset passes through them.
-  offset = (1.0 - contrast) * brightness * tf.cast(mean_gray, tf.float32) * tf.ones([3])
-  a = tf.where(to_gray, gray @ a, a)
-  offset = tf.where(to_gray, tf.linalg.matvec(gray, offset), offset)
-  return a, offset
+  rot = tf.stack([tf.stack([one, zero, zero], -1), tf.stack([zero, cos, -sin], -1),
+                  tf.stack([zero, sin, cos], -1)], -2)
+  sat = saturation[..., None, None]
+  sat_m = sat * tf.eye(3) + (1.0 - sat) * gray
+  a = yiq_inv @ rot @ yiq @ sat_m * (contrast * brightness)[..., None, None]
+  a = tf.where(to_gray[..., None, None], gray @ a, a)
+  # Contrast blends with the mean luma after brightness: (1 - c) b m on every
+  # channel. Gray vectors are fixed points of the saturation, hue and
+  # grayscale maps, so that offset passes through them unchanged.
+  return a, (1.0 - contrast) * brightness
 
 
-def color_matrices(mean_gray: tf.Tensor, *, jitter_prob: float, brightness: float, contrast: float,
-                   saturation: float, hue: float, grayscale_prob: float,
-                   seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def color_draws(seed: tf.Tensor) -> tf.Tensor:
+  """The (6,) uniform draws of one clip's colour augmentation (`color_matrices` turns them into a map)."""
+  return tf.random.stateless_uniform([6], seed, 0.0, 1.0)
+
+
+def color_matrices(draws: tf.Tensor, *, jitter_prob: float, brightness: float, contrast: float,
+                   saturation: float, hue: float, grayscale_prob: float) -> tuple[tf.Tensor, tf.Tensor]:
   """Random jitter (probability `jitter_prob`) then grayscale (`grayscale_prob`), one draw per clip.
 
   Factors as torchvision: brightness/contrast/saturation in [1 - x, 1 + x],
-  hue shift in [-hue, hue] of a full turn. Returns A (3, 3) and b (3,).
+  hue shift in [-hue, hue] of a full turn. `draws` (..., 6) from
+  `color_draws`. Returns `color_affine`'s A (..., 3, 3) and k (...,).
+  Vectorised over clips: run once per batch, since a few dozen tiny ops per
+  clip cost more than the whole batch's worth of arithmetic.
   """
-  u = tf.random.stateless_uniform([6], seed, 0.0, 1.0)
+  u = [draws[..., i] for i in range(6)]
   jitter = u[4] < jitter_prob
 
   def factor(x, amount):
     return tf.where(jitter, 1.0 + amount * (2.0 * x - 1.0), 1.0)
 
-  return color_affine(mean_gray, brightness=factor(u[0], brightness), contrast=factor(u[1], contrast),
+  return color_affine(brightness=factor(u[0], brightness), contrast=factor(u[1], contrast),
                       saturation=factor(u[2], saturation),
                       hue_angle=tf.where(jitter, (2.0 * u[3] - 1.0) * hue * 2.0 * math.pi, 0.0),
                       to_gray=u[5] < grayscale_prob)
 
 
-def mean_gray(video: tf.Tensor) -> tf.Tensor:
-  """Mean luma of a clip (T, H, W, 3), on a 1/4-strided grid."""
-  small = tf.cast(video[:, ::4, ::4], tf.float32)
-  return tf.reduce_mean(tf.reduce_sum(small * _constant(_GRAY_ROW), axis=-1))
-
-
-def affine_with_normalization(a: tf.Tensor, b: tf.Tensor, mean: Sequence[float],
-                              std: Sequence[float]) -> tuple[tf.Tensor, tf.Tensor]:
-  """(W (3, 3), c (3,)) with x @ W + c = ((A x + b) - mean) / std for pixels x."""
+def pixel_affine(a: tf.Tensor, k: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
+  """(..., 5, 3) float32 P with [x, 1, m] @ P = ((A x + k m) - mean) / std (see `vfocal_jax.pixels`)."""
   inv_std = 1.0 / _constant(std)
-  return tf.transpose(a) * inv_std, (b - _constant(mean)) * inv_std
-
-
-def pixel_affine(w: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
-  """(4, 3) float32 [W; c]: a pixel x maps to [x, 1] @ pixel_affine (see `vfocal_jax.pixels`)."""
-  return tf.concat([w, c[None]], axis=0)
+  w = tf.linalg.matrix_transpose(a) * inv_std
+  offset = tf.broadcast_to(-_constant(mean) * inv_std, tf.shape(w[..., 0, :]))
+  luma = tf.cast(k, tf.float32)[..., None] * inv_std
+  return tf.stack([w[..., 0, :], w[..., 1, :], w[..., 2, :], offset, luma], axis=-2)
 
 
 def normalization_affine(mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
   """`pixel_affine` of the plain normalisation (x - mean) / std."""
-  return pixel_affine(*affine_with_normalization(tf.eye(3), tf.zeros([3]), mean, std))
+  return pixel_affine(tf.eye(3), tf.constant(0.0), mean, std)
 
 
 def apply_affine(video: tf.Tensor, affine: tf.Tensor) -> tf.Tensor:
-  """[x, 1] @ affine for every pixel of (..., 3) frames, float32 (host-side twin of `pixels.normalize`)."""
-  shape = tf.shape(video)
-  out = tf.nn.bias_add(tf.matmul(tf.reshape(tf.cast(video, tf.float32), [-1, 3]), affine[:3]), affine[3])
-  return tf.reshape(out, shape)
+  """[x, 1, m] @ affine for every pixel of one clip's (..., 3) frames, float32; m = mean luma of
+  `video` (the host-side twin of `vfocal_jax.pixels.normalize`)."""
+  x = tf.reshape(tf.cast(video, tf.float32), [-1, 3])
+  luma = tf.reduce_mean(tf.linalg.matvec(x, _constant(_GRAY_ROW)))
+  out = tf.matmul(x, affine[:3]) + affine[3] + luma * affine[4]
+  return tf.reshape(out, tf.shape(video))
 
 
 def eval_crop_offsets(height: tf.Tensor, width: tf.Tensor, crop: int, num_crops: int) -> tf.Tensor:
