@@ -231,3 +231,23 @@ def test_pointwise_conv_matches_nn_conv(ndim):
   np.testing.assert_array_equal(new.init(jax.random.key(0), x)["params"]["kernel"], params["params"]["kernel"])
   params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(1), p.shape), params)  # nonzero bias too
   np.testing.assert_allclose(jax.jit(new.apply)(params, x), jax.jit(ref.apply)(params, x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_shape", [(3,), (5,), (3, 3), (5, 5), (3, 3, 3)])
+def test_shift_depthwise_gradients_match_grouped_conv(kernel_shape):
+  """Gradients of the 'shift' depthwise conv (sum of shifted multiplies) == XLA's grouped conv, float64."""
+  from vfocal_jax.models import layers  # noqa: PLC0415
+  rng = np.random.default_rng(len(kernel_shape))
+  with jax.enable_x64(True):
+    x = jnp.asarray(rng.normal(size=(2,) + (6,) * len(kernel_shape) + (4,)))
+    kernel = jnp.asarray(rng.normal(size=kernel_shape + (1, 4)))
+    g = jnp.asarray(rng.normal(size=x.shape))            # a cotangent that weights every output
+
+    def loss(impl):
+      return lambda xx, kk: jnp.sum(layers.depthwise_conv(xx, kk, impl) * g)
+
+    want = jax.grad(loss("xla"), argnums=(0, 1))(x, kernel)
+    got = jax.jit(jax.grad(loss("shift"), argnums=(0, 1)))(x, kernel)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-12, atol=1e-12)
+    assert got[1].dtype == kernel.dtype
