@@ -62,8 +62,11 @@ def global_batch(step: int, config) -> dict:
   rng = np.random.default_rng((1234, step))
   labels = rng.integers(0, NUM_CLASSES, GLOBAL_BATCH).astype(np.int32)
   shape = (GLOBAL_BATCH, config.num_frames, config.image_size, config.image_size, 3)
-  video = rng.normal(size=shape).astype(np.float32)
-  return {"video": video, "label": labels}
+  # As the input pipeline yields them: uint8 pixels and a per-clip colour map (normalisation + jitter).
+  video = rng.integers(0, 256, size=shape, dtype=np.uint8)
+  affine = np.concatenate([np.eye(3) / 58.0, np.full((1, 3), -2.0), np.zeros((1, 3))])
+  affine = affine + rng.normal(size=(GLOBAL_BATCH, 5, 3)) * np.array([0.003] * 3 + [0.1, 0.001])[:, None]
+  return {"video": video, "pixel_affine": affine.astype(np.float32), "label": labels}
 
 
 class StreamIterator:

@@ -75,7 +75,7 @@ class _NanAt(StreamIterator):
   def __next__(self):
     batch = super().__next__()
     if self.pos - 1 == self.at:
-      batch["video"] = batch["video"] * np.nan
+      batch["pixel_affine"] = batch["pixel_affine"] * np.nan
     return batch
 
 
