@@ -46,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.num_frames = config.get_ref("num_frames")
   config.model.drop_path_rate = 0.2    # T 0.2 / S 0.3 / B 0.5.
   config.model.design = "parallel"     # | spatial_only | sequential | joint3d (paper's design space).
+  config.model.tubelet_size = 1        # Frames per stem patch (released models: 1).
   config.model.dtype = "bfloat16"      # Compute dtype (the recipe used AMP O1); params stay float32.
   config.model.remat = False           # Rematerialise blocks (TRAIN.USE_CHECKPOINT).
   config.model.dense_init = "official"  # Linear init: official trunc_normal(0.02) | fan_in (from scratch; docs/training.md).

@@ -1,14 +1,20 @@
 """The demo (default config of main.py): a small Video-FocalNet on the synthetic motion dataset.
 
     python main.py --workdir=/tmp/demo                                        # parallel (default)
-    python main.py --workdir=/tmp/demo_so --config.model.design=spatial_only  # no temporal branch
+    python main.py --workdir=/tmp/demo_so --config.model.design=spatial_only \
+        --config.model.tubelet_size=1                                         # cannot see motion
 
 The 8 classes differ only in how a shape moves (data/demo_dataset.py), so a
 model that cannot compare frames stays near chance (12.5%). main.py writes
 the shards into ``<workdir>/demo_data`` (or ``demo_data_dir``) when absent.
-Tubelet 1 (as the released models): the stem sees one frame, so only the
-temporal branch can compare frames. A tubelet-2 stem (3-D conv over frame
-pairs) would let spatial_only see motion too (it reached 96% that way).
+
+Tubelet 2: the stem is a 3-D conv over frame pairs, so the model sees motion
+from its first layer and learns within a few hundred steps (98.5% top-1,
+measured on the 2-core CPU). With tubelet 1 (as the released models) only the
+temporal branch can compare frames; from scratch it sits at chance for ~2,000
+steps and whether it leaves that plateau within 3,600 steps changed with
+float32 round-off between runs (94.0% once, 14.0% once). spatial_only with
+tubelet 1 stays at chance (9.0%); with tubelet 2 its stem sees motion too.
 """
 import ml_collections
 
@@ -27,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.embed_dim = 24
   config.model.depths = (1, 1, 2, 1)
   config.model.num_classes = 8
+  config.model.tubelet_size = 2
   config.model.dense_init = "fan_in"   # From scratch: the official std-0.02 init leaves the modulators dead.
   config.model.drop_path_rate = 0.0
   config.model.dtype = "float32"
@@ -41,15 +48,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.eval_resize_ratio = 1.0
   config.data.shuffle_buffer_size = 800
 
-  config.batch_size = 16
+  config.batch_size = 32
   config.eval_batch_size = 32
   config.optimizer = "adamw"
-  config.base_lr = 0.032               # x 16/512 -> 1e-3 peak.
+  config.base_lr = 0.016               # x 32/512 -> 1e-3 peak.
   config.warmup_lr = 0.0
   config.min_lr = 0.0
   config.weight_decay = 0.05
   config.weight_decay_quirk = False
-  config.num_epochs = 24              # 3,600 steps: the temporal branch leaves chance after ~1,900.
+  config.num_epochs = 20               # 1,500 steps; chance is left after ~400.
   config.warmup_epochs = 1
   config.mixup_alpha = 0.0
   config.cutmix_alpha = 0.0
