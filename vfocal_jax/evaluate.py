@@ -29,7 +29,7 @@ CONFUSION_PNG = "confusion_matrix.png"
 def eval_step(params: Any, batch: dict[str, jax.Array], *, model, num_classes: int) -> dict[str, jax.Array]:
   """Counts for one batch: ``video`` (B, V, T, H, W, 3), ``label`` (B,), ``mask`` (B,).
 
-  ``video`` holds pixels and ``pixel_affine`` (B, 4, 3) their normalisation,
+  ``video`` holds pixels and ``pixel_affine`` (B, 5, 3) their normalisation,
   as the pipeline yields them (``pixels.normalize``). ``confusion[i, j]``
   counts videos of class i predicted as j (top-1).
   """

@@ -4,11 +4,11 @@ Clips leave the pipeline as uint8 pixels with a per-clip colour map
 (`pixel_affine`: colour jitter and normalisation in one (5, 3) matrix) that
 the device applies (`vfocal_jax.pixels`): a quarter of the bytes of float32
 clips to batch and transfer, and no full-size float passes on the host.
-Geometry follows the
-official (mmaction) pipeline: resize the short side with round-half-up sizes,
-RandomResizedCrop with 10 attempts and a centred square fallback, centre crop
-at ((H - S) // 2, (W - S) // 2), and ThreeCrop at offsets 0, 2 * step, step
-along the long side (step = (L - S) // 2; official order left, right, middle).
+Geometry follows the official (mmaction) pipeline: resize the short side with
+round-half-up sizes, RandomResizedCrop with 10 attempts and a centred square
+fallback, centre crop at ((H - S) // 2, (W - S) // 2), and ThreeCrop at
+offsets 0, 2 * step, step along the long side (step = (L - S) // 2; official
+order left, right, middle).
 """
 from __future__ import annotations
 
