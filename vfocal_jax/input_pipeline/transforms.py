@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-_GRAY = (0.299, 0.587, 0.114)
+_GRAY = (0.299, 0.587, 0.114)   # ITU-R 601 luma; vfocal_jax.pixels.LUMA (device side) must match.
 
 
 def _fold(seed: tf.Tensor, k: int) -> tf.Tensor:
