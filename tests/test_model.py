@@ -233,7 +233,7 @@ def test_pointwise_conv_matches_nn_conv(ndim):
   np.testing.assert_allclose(jax.jit(new.apply)(params, x), jax.jit(ref.apply)(params, x), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel_shape", [(3,), (5,), (3, 3), (5, 5), (3, 3, 3)])
+@pytest.mark.parametrize("kernel_shape", [(3,), (5,), (4,), (3, 3), (5, 5), (2, 4), (3, 3, 3)])
 def test_shift_depthwise_gradients_match_grouped_conv(kernel_shape):
   """Gradients of the 'shift' depthwise conv (sum of shifted multiplies) == XLA's grouped conv, float64."""
   from vfocal_jax.models import layers  # noqa: PLC0415
@@ -251,3 +251,34 @@ def test_shift_depthwise_gradients_match_grouped_conv(kernel_shape):
     np.testing.assert_allclose(got[0], want[0], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-12, atol=1e-12)
     assert got[1].dtype == kernel.dtype
+
+
+def test_shift_depthwise_bfloat16_kernel_gradient_accumulates_in_float32():
+  """bf16 compute: the kernel gradient (a sum over every position) comes back float32 and close to it."""
+  from vfocal_jax.models import layers  # noqa: PLC0415
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(4, 32, 32, 8)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 8)), jnp.float32)
+
+  def grad_kernel(dtype):
+    return jax.jit(jax.grad(lambda k: jnp.sum(layers.depthwise_conv(x.astype(dtype), k, "shift")
+                                              .astype(jnp.float32))))(kernel)
+
+  got, want = grad_kernel(jnp.bfloat16), grad_kernel(jnp.float32)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=2e-2, atol=0.5)  # bf16 inputs, float32 sums of 4096 terms
+
+
+def test_gelu_value_and_gradient_match_torch_float64():
+  """Our erf GELU and its hand-written VJP == torch's exact GELU and autograd, float64, tails included."""
+  from vfocal_jax.models import layers  # noqa: PLC0415
+  x = np.concatenate([np.linspace(-12, 12, 2001), np.random.default_rng(0).normal(size=1000) * 3])
+  g = np.random.default_rng(1).normal(size=x.shape)
+  xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+  yt = torch.nn.functional.gelu(xt)
+  (yt * torch.tensor(g)).sum().backward()
+  with jax.enable_x64(True):
+    y, vjp = jax.vjp(jax.jit(layers.gelu), jnp.asarray(x))
+    (dx,) = vjp(jnp.asarray(g))
+  np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-13, atol=1e-15)
+  np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-13, atol=1e-15)

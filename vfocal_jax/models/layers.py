@@ -38,9 +38,31 @@ def dense_initializer(scheme: str) -> nn.initializers.Initializer:
   raise ValueError(f"dense_init={scheme!r}: expected one of {DENSE_INITS}.")
 
 
+_SQRT_HALF = 0.7071067811865476     # 1 / sqrt(2)
+_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
+
+
+@jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
-  """Exact erf GELU (PyTorch's nn.GELU default; Flax defaults to tanh)."""
-  return jax.nn.gelu(x, approximate=False)
+  """Exact erf GELU, x * Phi(x), in PyTorch's form `0.5 * x * (1 + erf(x / sqrt 2))` (Flax defaults to tanh).
+
+  Its VJP keeps only `x` and recomputes Phi(x) + x * phi(x) inside the backward pass: autodiff of
+  `jax.nn.gelu` stores an erfc and an exp array per call and evaluates the branchy erfc.
+  """
+  return 0.5 * x * (1.0 + lax.erf(x * _SQRT_HALF))
+
+
+def _gelu_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return gelu(x), x
+
+
+def _gelu_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+  cdf = 0.5 * (1.0 + lax.erf(x * _SQRT_HALF))
+  pdf = jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
+  return (g * (cdf + x * pdf),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
@@ -56,6 +78,58 @@ def resolve_depthwise_impl(impl: str) -> str:
   return impl
 
 
+def _same_pads(kernel_size: Sequence[int]) -> list[tuple[int, int]]:
+  return [(k // 2, k - 1 - k // 2) for k in kernel_size]
+
+
+def _windows(xp: jax.Array, kernel_size: Sequence[int], sizes: Sequence[int]):
+  """(tap, xp's window at that tap) for every tap of a kernel, `xp` padded (N, *S, C)."""
+  for tap in itertools.product(*(range(k) for k in kernel_size)):
+    yield tap, xp[(slice(None),) + tuple(slice(t, t + s) for t, s in zip(tap, sizes))]
+
+
+def _shifted_sum(x: jax.Array, w: jax.Array, pads: Sequence[tuple[int, int]]) -> jax.Array:
+  """sum over taps t of pad(x)[window t] * w[t]: `x` (N, *S, C), `w` (*K, C) in x's dtype."""
+  xp = jnp.pad(x, [(0, 0)] + list(pads) + [(0, 0)])
+  out = None
+  for tap, window in _windows(xp, w.shape[:-1], x.shape[1:-1]):
+    term = window * w[tap]
+    out = term if out is None else out + term
+  return out
+
+
+@jax.custom_vjp
+def shift_depthwise_conv(x: jax.Array, w: jax.Array) -> jax.Array:
+  """Same-padded depthwise conv of `x` (N, *S, C) with `w` (*K, C) as a sum of shifted multiplies.
+
+  The VJP keeps only `x` and `w`: autodiff of the sum would store every shifted window (k**2
+  copies of `x`) for the kernel gradient. The input gradient is the same shifted sum of the
+  cotangent with the flipped kernel (one fused pass); the kernel gradient is one reduction per
+  tap, accumulated in at least float32 and returned in `w`'s dtype.
+  """
+  return _shifted_sum(x, w.astype(x.dtype), _same_pads(w.shape[:-1]))
+
+
+def _shift_fwd(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  return shift_depthwise_conv(x, w), (x, w)
+
+
+def _shift_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
+  x, w = res
+  kernel_size = w.shape[:-1]
+  pads = _same_pads(kernel_size)
+  flipped = w[tuple(slice(None, None, -1) for _ in kernel_size)].astype(g.dtype)
+  dx = _shifted_sum(g, flipped, [(hi, lo) for lo, hi in pads])
+  xp = jnp.pad(x, [(0, 0)] + pads + [(0, 0)])
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  axes = tuple(range(x.ndim - 1))
+  dw = jnp.stack([jnp.sum(window * g, axis=axes, dtype=acc) for _, window in _windows(xp, kernel_size, x.shape[1:-1])])
+  return dx.astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
+
+
+shift_depthwise_conv.defvjp(_shift_fwd, _shift_bwd)
+
+
 def depthwise_conv(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
   """Same-padded, stride-1 depthwise conv over the middle axes of `x` (N, *S, C).
 
@@ -64,21 +138,13 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
   its kernel gradient stays right under any sharding (STACK.md).
   """
   spatial = kernel.shape[:-2]
-  pads = [(k // 2, k - 1 - k // 2) for k in spatial]
   if impl == "xla":
     dims = "".join("DHW"[-len(spatial):])
     return lax.conv_general_dilated(
-        x, kernel.astype(x.dtype), (1,) * len(spatial), pads,
+        x, kernel.astype(x.dtype), (1,) * len(spatial), _same_pads(spatial),
         dimension_numbers=(f"N{dims}C", f"{dims}IO", f"N{dims}C"),
         feature_group_count=x.shape[-1])
-  xp = jnp.pad(x, [(0, 0)] + pads + [(0, 0)])
-  out = jnp.zeros_like(x)
-  w = kernel[..., 0, :].astype(x.dtype)
-  sizes = x.shape[1:-1]
-  for tap in itertools.product(*(range(k) for k in spatial)):
-    window = xp[(slice(None),) + tuple(slice(t, t + s) for t, s in zip(tap, sizes))]
-    out = out + window * w[tap]
-  return out
+  return shift_depthwise_conv(x, kernel[..., 0, :])
 
 
 class DepthwiseConv(nn.Module):
