@@ -1,11 +1,10 @@
 """JAX vs PyTorch on this CPU: Video-FocalNet, float32, one clip, same weights.
 
-    .venv/bin/python benchmarks/bench_vs_pytorch.py [--variant=tiny] [--rounds=7] [--blocks=1]
-        [--frames=8] [--size=224] [--batch=1] [--threads=N] [--skip_train] [--no-malloc_thp]
-        [--no-xla_sequential_scheduler]
+    .venv/bin/python benchmarks/bench_vs_pytorch.py [--variant=tiny] [--rounds=7] [--order=pairs|blocks]
+        [--blocks=1] [--frames=8] [--size=224] [--batch=1] [--threads=N] [--skip_train]
+        [--no-malloc_thp] [--no-malloc_keep] [--no-sync_dispatch]
 
-What is timed (median of `--rounds` calls per framework and `--blocks` repeats;
-compile and warm-up excluded):
+What is timed (compile and warm-up excluded):
 
 * eval forward: `jax.jit(model.apply)(params, video, train=False)` vs
   `torch_model.eval()` forward under `torch.inference_mode()`;
@@ -14,33 +13,39 @@ compile and warm-up excluded):
   opt.step()` with `torch.optim.SGD(momentum=0.9)`. Dropout and stochastic
   depth are 0 in both so both compute the same thing.
 
-Methodology. Each framework is timed in its own block (JAX: all forward
-rounds, then all train rounds; then PyTorch likewise), never call by call in
-alternation: PyTorch's OpenMP worker threads keep spinning for a while after
-each call (default wait policy, which is what PyTorch users get and is left
-alone here), and in alternation that spin stole cores from the next JAX call
-(train step 3.1 s alone, 5.1 s alternating). The process sleeps
-`--settle_s` after every PyTorch block and after the PyTorch warm-up, so the
-spin never overlaps a JAX timing; JAX's own threads idle passively. With
-`--blocks=N` the pair (JAX block, PyTorch block) is repeated N times, so that
-slow drifts of a shared machine hit both.
+Methodology. The cores are shared with other virtual machines and their speed
+drifts by 10-20% over minutes, so by default (`--order=pairs`) the calls
+alternate, JAX then PyTorch, `--rounds` times, and JAX/PT is the median of the
+per-pair ratios: a drift hits both halves of a pair alike. The process sleeps
+`--settle_s` after every timed call: PyTorch's OpenMP worker threads keep
+spinning for a while after each call (default wait policy, which is what
+PyTorch users get and is left alone here), and without the pause that spin
+stole cores from the next JAX call (train step 3.1 s alone, 5.1 s right after
+a PyTorch call). JAX's own threads idle passively. `--order=blocks` times all
+rounds of one framework, then the other (`--blocks=N` repeats the pair of
+blocks), and prints the ratio of the medians.
 
-Memory allocation. XLA:CPU allocates each call's temporary buffer (4.4 GB for
-the T train step) with glibc `malloc`, which mmaps it fresh and unmaps it
-after every call: ~1 M page faults (4 KiB) per step, ~2 s of kernel time on 2
-cores. By default the script re-executes itself with
-`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35: malloc madvises its
-mmapped chunks for transparent huge pages; the kernel's THP mode is usually
-`madvise`), which cuts the faults 500x. It is a process-wide setting, so
-PyTorch runs under it too; `--no-malloc_thp` measures without it. The same
-variable helps any JAX-on-CPU training process (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1
-python main.py ...`).
-
-XLA flag. By default `--xla_cpu_enable_concurrency_optimized_scheduler=false`
-is appended to `XLA_FLAGS` (unless `XLA_FLAGS` already names that flag): it only
-changes the order in which XLA:CPU schedules the operations (not what they
-compute), and on these 2 cores the train step ran ~4% faster with it (2.38 ->
-2.28 s). `--no-xla_sequential_scheduler` measures XLA's default.
+Memory allocation (process-wide, so PyTorch runs under the same settings).
+XLA:CPU allocates each call's temporary buffer (2.25 GB for the T train step)
+with glibc `malloc`, on the thread that runs the computation; glibc serves a
+request that large from a fresh `mmap` and unmaps it on `free`, so every step
+page-faults the whole buffer in again and the kernel zeroes it: ~550 K faults
+(4 KiB) per step, 0.8-1.2 s of kernel time on 2 cores. The script re-executes
+itself with `GLIBC_TUNABLES` set:
+  - `glibc.malloc.hugetlb=1` (`--malloc_thp`; glibc >= 2.35): malloc madvises
+    its chunks for transparent huge pages; 500x fewer faults, but the kernel
+    still zeroes 2.25 GB per step (0.4-0.9 s of system time);
+  - `glibc.malloc.mmap_max=0` and a 1 TiB `trim_threshold` (`--malloc_keep`):
+    large chunks come from the heap and stay mapped after `free`, so the next
+    step reuses the same pages; no faults and no zeroing. glibc still mmaps
+    requests over 64 MB made on a thread with its own arena (XLA's worker
+    threads), hence `--sync_dispatch`: `jax_cpu_enable_async_dispatch=False`
+    runs each XLA:CPU call on the calling (main) thread, whose arena is the
+    heap. The benchmark blocks on every call anyway, so only where the buffer
+    comes from changes. Measured alone (JAX train step, 2 runs each):
+    3.97-4.13 s with THP only, 3.33-3.55 s with THP + keep + sync, system
+    time per step 0.8 s -> 0.005 s.
+The same variables help any JAX-on-CPU training process (see docs/usage.md).
 
 The PyTorch model is `benchmarks/torch_video_focalnet.py` (official layout);
 its random weights are converted with `vfocal_jax.convert` and the logits are
@@ -134,22 +139,28 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
   parser.add_argument("--skip_train", action="store_true")
-  parser.add_argument("--blocks", type=int, default=1, help="repeats of (JAX block, PyTorch block)")
+  parser.add_argument("--order", choices=("pairs", "blocks"), default="pairs",
+                      help="pairs: JAX call, PyTorch call, ... (per-pair ratios); blocks: all rounds of one, then the other")
+  parser.add_argument("--blocks", type=int, default=1, help="--order=blocks: repeats of (JAX block, PyTorch block)")
   parser.add_argument("--settle_s", type=float, default=1.0,
-                      help="sleep after each PyTorch block (its OpenMP threads spin on after a call)")
+                      help="sleep after each timed call (pairs) or PyTorch block (its OpenMP threads spin on)")
   parser.add_argument("--malloc_thp", action=argparse.BooleanOptionalAction, default=True,
                       help="re-exec with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (see the docstring)")
-  parser.add_argument("--xla_sequential_scheduler", action=argparse.BooleanOptionalAction, default=True,
-                      help="append --xla_cpu_enable_concurrency_optimized_scheduler=false to XLA_FLAGS")
+  parser.add_argument("--malloc_keep", action=argparse.BooleanOptionalAction, default=True,
+                      help="re-exec with glibc.malloc.mmap_max=0 and a 1 TiB trim_threshold (see the docstring)")
+  parser.add_argument("--sync_dispatch", action=argparse.BooleanOptionalAction, default=True,
+                      help="jax_cpu_enable_async_dispatch=False: XLA:CPU runs (and allocates) on the calling thread")
   args = parser.parse_args()
-  if args.malloc_thp and "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", ""):
-    tunables = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=1"]))
+  wanted = (["glibc.malloc.hugetlb=1"] if args.malloc_thp else []) + (
+      ["glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={2 ** 40}"] if args.malloc_keep else [])
+  have = os.environ.get("GLIBC_TUNABLES", "")
+  missing = [t for t in wanted if t.split("=")[0] not in have]
+  if missing:
+    tunables = ":".join(filter(None, [have] + missing))
     os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, "GLIBC_TUNABLES": tunables})
-  sched_flag = "xla_cpu_enable_concurrency_optimized_scheduler"
-  if args.xla_sequential_scheduler and sched_flag not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), f"--{sched_flag}=false"]))
 
   import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update("jax_cpu_enable_async_dispatch", not args.sync_dispatch)
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
@@ -247,25 +258,38 @@ def main() -> None:
     dt = time.perf_counter() - t
     return dt, sampler.peak() - base
 
-  blocks = {
-      "jax": {"jax_fwd": lambda: forward(params, video_j).block_until_ready()},
-      "torch": {"torch_fwd": torch_forward},
-  }
+  calls = {"fwd": (lambda: forward(params, video_j).block_until_ready(), torch_forward)}
   if not args.skip_train:
-    blocks["jax"]["jax_train"] = jax_train
-    blocks["torch"]["torch_train"] = torch_train
-  times: dict[str, list[float]] = {k: [] for calls in blocks.values() for k in calls}
+    calls["train"] = (jax_train, torch_train)
+  times: dict[str, list[float]] = {f"{fw}_{k}": [] for k in calls for fw in ("jax", "torch")}
   mem: dict[str, int] = {k: 0 for k in times}
-  for _ in range(args.blocks):
-    for framework, calls in blocks.items():
-      for name, fn in calls.items():
-        fn()  # warm-up (the first call after a switch of function or framework)
-        for _ in range(args.rounds):
-          dt, grow = time_call(fn)
-          times[name].append(dt)
-          mem[name] = max(mem[name], grow)
-      if framework == "torch":
+  ratios: dict[str, list[float]] = {k: [] for k in calls}
+
+  def timed(name: str, fn) -> float:
+    dt, grow = time_call(fn)
+    times[name].append(dt)
+    mem[name] = max(mem[name], grow)
+    return dt
+
+  if args.order == "pairs":
+    for suffix, (jax_fn, torch_fn) in calls.items():
+      jax_fn()
+      torch_fn()  # warm-up of this pair
+      time.sleep(args.settle_s)
+      for _ in range(args.rounds):
+        dt_jax = timed(f"jax_{suffix}", jax_fn)
         time.sleep(args.settle_s)
+        ratios[suffix].append(dt_jax / timed(f"torch_{suffix}", torch_fn))
+        time.sleep(args.settle_s)
+  else:
+    for _ in range(args.blocks):
+      for framework, index in (("jax", 0), ("torch", 1)):
+        for suffix, pair in calls.items():
+          pair[index]()  # warm-up (the first call after a switch of function or framework)
+          for _ in range(args.rounds):
+            timed(f"{framework}_{suffix}", pair[index])
+        if framework == "torch":
+          time.sleep(args.settle_s)
   sampler.close()
 
   macs = summary.count_macs(
@@ -276,12 +300,14 @@ def main() -> None:
   med = {k: statistics.median(v) for k, v in times.items()}
   gib = 1 / 2 ** 20  # ru_maxrss is KiB on Linux
 
+  order = ("calls in alternation (JAX, PyTorch), JAX/PT = median of the per-pair ratios"
+           if args.order == "pairs" else f"x {args.blocks} block(s) per framework (JAX block, then PyTorch block)")
   print(f"\nVideo-FocalNet-{args.variant[0].upper()} float32, batch {args.batch}, "
-        f"{args.frames}x{args.size}x{args.size}, median of {args.rounds} rounds x {args.blocks} block(s) "
-        "per framework (JAX block, then PyTorch block)")
+        f"{args.frames}x{args.size}x{args.size}, median of {args.rounds} rounds, {order}")
   print(f"machine: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores "
         f"(shared with other work while measured); jax {jax.__version__} ({jax.default_backend()}), "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads); "
+        f"jax_cpu_enable_async_dispatch={not args.sync_dispatch}; "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
   print(f"load average (1 min) before / after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f} "
         "(above ~0 means other work shared the cores; PyTorch's OpenMP barriers suffer most)")
@@ -294,12 +320,16 @@ def main() -> None:
   rows = [("eval forward", "fwd", 1)] + ([] if args.skip_train else [("train step", "train", 3)])
   for label, suffix, mult in rows:
     j, t = med[f"jax_{suffix}"], med[f"torch_{suffix}"]
+    ratio = statistics.median(ratios[suffix]) if ratios[suffix] else j / t
     fj, ft = 2 * mult * macs / j / 1e9, 2 * mult * macs / t / 1e9
-    print(f"{label:14s}{j:9.3f}{t:11.3f}{j / t:8.2f}{fj:13.0f}{ft:12.0f}{100 * fj / peak:11.0f}%"
+    print(f"{label:14s}{j:9.3f}{t:11.3f}{ratio:8.2f}{fj:13.0f}{ft:12.0f}{100 * fj / peak:11.0f}%"
           f"{mem[f'jax_{suffix}'] / 2 ** 30:9.2f}G{mem[f'torch_{suffix}'] / 2 ** 30:8.2f}G")
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * gib
   print(f"\npeak RSS of this process (both frameworks, params, compiled code): {rss:.2f} GiB; "
         "+RSS = growth of RSS during one call over the RSS before it")
+  for suffix, values in ratios.items():
+    if values:
+      print(f"JAX/PT per pair, {suffix}: " + " ".join(f"{v:.2f}" for v in values))
   print("train step FLOPs counted as 3 x forward (backward ~ 2 x forward).")
 
 
