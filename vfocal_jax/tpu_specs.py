@@ -1,0 +1,183 @@
+"""What the compiler does not say about a TPU chip, and what ``plan`` reads from a compiled step.
+
+``CHIPS``: HBM capacity and peak bf16 throughput per chip, keyed by
+``jax.Device.device_kind``, as published in the Cloud TPU system-architecture
+pages (https://cloud.google.com/tpu/docs/v2, .../v3, .../v4, .../v5e, .../v5p,
+.../v6e: "Peak compute per chip (bf16)" and "HBM capacity per chip"). The pages
+give HBM in GiB for v2-v4 and in "GB" for v5e/v5p/v6e; the runtime's usable
+limit matches GiB (the v5e compiler reports 15.75G available of 16 GiB, the
+rest being its reserve), so GiB is used throughout.
+
+A compile-only topology can expose one device per TensorCore (``v4``, ``v3``:
+two devices per chip) or one per chip (``v5p`` megacore, ``v5e``, ``v6e``):
+``chip_layout`` counts the devices per chip from their coordinates, and the
+per-chip figures of ``plan`` are the per-device ones times that count.
+
+The rest are pure functions over a compiled executable's own reports:
+``memory_stats`` (``memory_analysis()``), ``cost_stats``
+(``cost_analysis()``), ``collectives`` (the collective ops of
+``as_text()``) and ``summarize_error`` (one line from a compile error).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Sequence
+
+GiB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class ChipSpec:
+  name: str                 # Cloud TPU name: v5e, v5p, ...
+  hbm_bytes: int            # Per chip.
+  peak_bf16_flops: float    # Per chip, dense bf16, per second.
+  tensorcores: int          # Per chip.
+  source: str               # Where the two figures come from.
+
+
+_DOCS = "https://cloud.google.com/tpu/docs/"
+CHIPS: dict[str, ChipSpec] = {
+    "TPU v2": ChipSpec("v2", 16 * GiB, 45e12, 2, _DOCS + "v2"),
+    "TPU v3": ChipSpec("v3", 32 * GiB, 123e12, 2, _DOCS + "v3"),
+    "TPU v4": ChipSpec("v4", 32 * GiB, 275e12, 2, _DOCS + "v4"),
+    "TPU v5 lite": ChipSpec("v5e", 16 * GiB, 197e12, 1, _DOCS + "v5e"),
+    "TPU v5": ChipSpec("v5p", 95 * GiB, 459e12, 2, _DOCS + "v5p"),
+    "TPU v5p": ChipSpec("v5p", 95 * GiB, 459e12, 2, _DOCS + "v5p"),
+    "TPU v6 lite": ChipSpec("v6e", 32 * GiB, 918e12, 1, _DOCS + "v6e"),
+    "TPU v6e": ChipSpec("v6e", 32 * GiB, 918e12, 1, _DOCS + "v6e"),
+}
+
+
+def chip_spec(device_kind: str) -> ChipSpec | None:
+  return CHIPS.get(device_kind)
+
+
+def chip_layout(devices: Sequence[Any]) -> tuple[int, int]:
+  """``(num_chips, devices_per_chip)``: TPU devices sharing coordinates are cores of one chip."""
+  coords = [tuple(getattr(d, "coords", ()) or ()) for d in devices]
+  if getattr(devices[0], "platform", "") != "tpu" or not all(coords):
+    return len(devices), 1
+  chips = len(set((getattr(d, "slice_index", 0),) + c for d, c in zip(devices, coords)))
+  if len(devices) % chips:
+    return len(devices), 1
+  return chips, len(devices) // chips
+
+
+# --- A compiled executable's own reports. ----------------------------------------------------
+
+MEMORY_FIELDS = {"argument": "argument_size_in_bytes", "output": "output_size_in_bytes",
+                 "alias": "alias_size_in_bytes", "temp": "temp_size_in_bytes",
+                 "generated_code": "generated_code_size_in_bytes"}
+
+
+def memory_stats(compiled) -> dict[str, int | None]:
+  """Per-device bytes from ``compiled.memory_analysis()``; ``total`` = argument + output - alias + temp + code.
+
+  Donated inputs reused for outputs (``alias``) are counted once. A field the
+  backend does not report is None (and so is ``total``).
+  """
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # Some backends do not implement it.
+    m = None
+  out: dict[str, int | None] = {}
+  for key, attr in MEMORY_FIELDS.items():
+    v = getattr(m, attr, None) if m is not None else None
+    out[key] = int(v) if v is not None and v >= 0 else None
+  core = [out["argument"], out["output"], out["alias"], out["temp"]]
+  out["total"] = (None if any(v is None for v in core)
+                  else core[0] + core[1] - core[2] + core[3] + (out["generated_code"] or 0))
+  return out
+
+
+def cost_stats(compiled) -> dict[str, float | None]:
+  """Per-device ``flops``, ``bytes_accessed``, ``transcendentals`` and ``optimal_seconds`` (None if absent)."""
+  try:
+    ca = compiled.cost_analysis()
+  except Exception:
+    ca = None
+  if isinstance(ca, (list, tuple)):  # Older JAX: one dict per program.
+    ca = ca[0] if ca else None
+  ca = ca or {}
+  get = lambda k: float(ca[k]) if k in ca and ca[k] is not None and float(ca[k]) >= 0 else None
+  return {"flops": get("flops"), "bytes_accessed": get("bytes accessed"),
+          "transcendentals": get("transcendentals"), "optimal_seconds": get("optimal_seconds")}
+
+
+_DTYPE_BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "f16": 16, "bf16": 16,
+               "s32": 32, "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64, "c64": 64, "c128": 128}
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z0-9]*)?)\[([0-9,]*)\]")
+COLLECTIVE_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all",
+                    "ragged-all-to-all", "collective-broadcast")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<type>.*?)\s(?P<op>" + "|".join(COLLECTIVE_KINDS)
+                    + r")(?P<suffix>-start|-done|-update)?\(")
+
+
+def _array_bytes(type_str: str) -> int:
+  total = 0
+  for dtype, dims in _ARRAY.findall(type_str):
+    bits = _DTYPE_BITS.get(dtype, 8 if dtype.startswith("f8") else None)
+    if bits is None:
+      continue
+    n = 1
+    for d in filter(None, dims.split(",")):
+      n *= int(d)
+    total += n * bits // 8
+  return total
+
+
+def _top_level(type_str: str) -> list[str]:
+  """The elements of a tuple type ``(a, (b, c), d)``; ``[type_str]`` for an array."""
+  s = re.sub(r"/\*.*?\*/", "", type_str.strip())
+  if not s.startswith("("):
+    return [s]
+  parts, depth, start = [], 0, 1
+  for i, ch in enumerate(s):
+    if ch in "({[":
+      depth += 1
+    elif ch in ")}]":
+      depth -= 1
+    elif ch == "," and depth == 1:
+      parts.append(s[start:i])
+      start = i + 1
+  parts.append(s[start:s.rfind(")")])
+  return [p for p in parts if p.strip()]
+
+
+def collectives(hlo_text: str) -> list[dict[str, Any]]:
+  """``[{kind, count, bytes}]`` of the collectives in a compiled module's text, largest first.
+
+  ``bytes`` sums each op's result per device (an all-gather's gathered array,
+  an all-reduce's reduced arrays). Async pairs count once (the ``-start``; its
+  result tuple holds the operands too, so only its second half is counted for
+  gathers and permutes). Counts are static: an op inside a loop (e.g. gradient
+  accumulation) runs once per iteration.
+  """
+  found: dict[str, list[int]] = {}
+  for line in hlo_text.splitlines():
+    m = _INSTR.match(line)
+    if not m or m.group("suffix") in ("-done", "-update"):
+      continue
+    kind, type_str = m.group("op"), m.group("type")
+    if m.group("suffix") == "-start" and kind != "all-reduce":
+      parts = [p for p in _top_level(type_str) if _array_bytes(p) and not re.fullmatch(r"\s*[su]32\[\].*", p)]
+      type_str = ",".join(parts[len(parts) // 2:]) if len(parts) >= 2 else type_str
+    entry = found.setdefault(kind, [0, 0])
+    entry[0] += 1
+    entry[1] += _array_bytes(type_str)
+  return sorted(({"kind": k, "count": c, "bytes": b} for k, (c, b) in found.items()), key=lambda e: -e["bytes"])
+
+
+def summarize_error(exc: BaseException, limit: int = 300) -> str:
+  """One line from a compile error: the out-of-memory sentence if there is one, else the first line."""
+  text = str(exc).strip() or type(exc).__name__
+  m = re.search(r"(RESOURCE_EXHAUSTED: )?Ran out of memory[^\n]*", text)
+  line = m.group(0) if m else text.splitlines()[0]
+  line = re.sub(r"\s+", " ", line).strip()
+  return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+  text = str(exc)
+  return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text or "out of memory" in text.lower()
