@@ -34,8 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from data import demo_dataset  # noqa: E402
-from vfocal_jax import input_pipeline as ip  # noqa: E402
+from vfocal_jax.data import demo_dataset  # noqa: E402
+from vfocal_jax import input_pipeline as ip
+from vfocal_jax.configs import data as data_config  # noqa: E402
 from vfocal_jax.input_pipeline import shard_format  # noqa: E402
 
 
@@ -129,7 +130,7 @@ def main() -> None:
     frames_per_s = rate(iter(raw), lambda b: b.shape[0], args.seconds)
     ceiling = frames_per_s / 8
 
-    cfg = ip.data_config_defaults()
+    cfg = data_config.get_config()
     cfg.train_shards = cfg.eval_shards = tmp
     cfg.num_threads = args.threads
     cfg.shuffle_buffer_size = 64

@@ -124,7 +124,7 @@ def _rss_peak_mb() -> float:
 def make_config(variant: str, *, batch: int, frames: int, size: int, num_classes: int, dtype: str,
                 model_overrides: dict[str, Any] | None = None):
   """The official recipe's config with the benchmark's model, clip and batch."""
-  from configs import default  # pylint: disable=import-outside-toplevel
+  from vfocal_jax.configs import default  # pylint: disable=import-outside-toplevel
   config = default.get_config()
   config.num_frames = frames
   config.image_size = size

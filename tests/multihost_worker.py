@@ -22,7 +22,7 @@ GLOBAL_BATCH = 8
 
 def tiny_config(**overrides):
   """A few-thousand-parameter Video-FocalNet and the official SGD recipe."""
-  from configs import default
+  from vfocal_jax.configs import default
   config = default.get_config()
   config.num_frames = 4
   config.image_size = 32

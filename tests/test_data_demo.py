@@ -1,8 +1,9 @@
 """The synthetic motion dataset: built through the real writer, classes need motion."""
 import numpy as np
 
-from data import demo_dataset
+from vfocal_jax.data import demo_dataset
 from vfocal_jax import input_pipeline as ip
+from vfocal_jax.configs import data as data_config
 
 
 def _shape_stats(frame):
@@ -40,7 +41,7 @@ def test_build_tiny_demo_dataset(tmp_path):
   assert out["train_info"]["num_examples"] == 8 and out["val_info"]["num_examples"] == 8
   assert out["train_info"]["label_names"] == list(demo_dataset.CLASS_NAMES)
   assert out["val_info"]["num_failed"] == 0
-  cfg = ip.data_config_defaults()
+  cfg = data_config.get_config()
   cfg.train_shards, cfg.eval_shards = out["train_dir"], out["val_dir"]
   cfg.num_threads = 2
   ev = ip.create_eval_iterator(cfg, batch_size=8, num_frames=4, image_size=32, num_clips=1, num_crops=1)

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data import testing, tfds_builder
+from vfocal_jax.data import testing, tfds_builder
 from vfocal_jax import input_pipeline as ip
+from vfocal_jax.configs import data as data_config
 
 LENGTHS = [6, 3, 9, 12]
 
@@ -27,7 +28,7 @@ def prepared(tmp_path_factory):
 
 
 def _cfg(**kw):
-  cfg = ip.data_config_defaults()
+  cfg = data_config.get_config()
   cfg.source = "tfds"
   cfg.num_threads = 2
   cfg.eval_resize_ratio = 1.0

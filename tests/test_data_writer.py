@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data import make_shards, testing
+from vfocal_jax.data import make_shards, testing
 from vfocal_jax.input_pipeline import VideoDecodeError, decode_video_file
 
 LENGTHS = [12, 5, 20, 3, 9]

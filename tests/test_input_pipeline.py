@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data import make_shards, testing
+from vfocal_jax.data import make_shards, testing
 from vfocal_jax import input_pipeline as ip
+from vfocal_jax.configs import data as data_config
 from vfocal_jax.input_pipeline import sampling, sources
 
 LENGTHS = [12, 5, 20, 3, 9, 1, 16, 7, 30, 10]   # includes videos shorter than the clip
@@ -71,7 +72,7 @@ def shards(tmp_path_factory):
 
 def plain_cfg(shard_dir, **overrides):
   """No colour/flip randomness and no resize, so pixels can be traced back."""
-  cfg = ip.data_config_defaults()
+  cfg = data_config.get_config()
   cfg.train_shards = cfg.eval_shards = shard_dir
   cfg.flip_prob = cfg.color_jitter_prob = cfg.grayscale_prob = 0.0
   cfg.train_resize_ratio = 1.0

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data import testing
+from vfocal_jax.data import testing
 from vfocal_jax import input_pipeline as ip
+from vfocal_jax.configs import data as data_config
 from vfocal_jax.input_pipeline import shard_format
 
 GOOD = {0, 4, 5, 6}
@@ -43,7 +44,7 @@ def bad_shards(tmp_path_factory):
 
 
 def _cfg(shard_dir):
-  cfg = ip.data_config_defaults()
+  cfg = data_config.get_config()
   cfg.train_shards = cfg.eval_shards = str(shard_dir)
   cfg.num_threads = 2
   cfg.shuffle_buffer_size = 4

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from data.demo_dataset import render_video, write_mp4
+from vfocal_jax.data.demo_dataset import render_video, write_mp4
 from vfocal_jax import evaluate, pixels, predict
 from vfocal_jax.input_pipeline import decode_video_file, eval_views_from_frames
 
@@ -32,7 +32,7 @@ CLASS_NAMES = ["alpha", "beta", "gamma", "delta", "epsilon"]
 
 
 def _config(model_kwargs=None):
-  from configs import default
+  from vfocal_jax.configs import default
   config = default.get_config()
   config.num_frames = FRAMES
   config.image_size = SIZE

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from data.demo_dataset import render_video, write_mp4
+from vfocal_jax.data.demo_dataset import render_video, write_mp4
 from vfocal_jax import plots, visualize
 
 NUM_CLASSES = 4
@@ -47,7 +47,7 @@ def converted(tmp_path_factory):
 
 
 def _config():
-  from configs import default
+  from vfocal_jax.configs import default
   config = default.get_config()
   config.num_frames, config.image_size = FRAMES, SIZE
   config.test_num_clips, config.test_num_crops = 1, 3

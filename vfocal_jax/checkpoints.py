@@ -11,7 +11,6 @@ puts a resumed run at the same batch with the same rng.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -23,6 +22,8 @@ from absl import logging
 from etils import epath
 from flax import serialization
 from orbax.checkpoint import checkpoint_managers as cm
+
+from vfocal_jax import paths
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -73,7 +74,7 @@ def create_manager(workdir: str, *, keep: int = 3, keep_best: int = 1, async_sav
   options = ocp.CheckpointManagerOptions(
       preservation_policy=cm.AnyPreservationPolicy(policies), create=not read_only,
       enable_async_checkpointing=async_save, read_only=read_only, cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+  return ocp.CheckpointManager(paths.resolve(workdir) / CHECKPOINT_DIR,
                                options=options, item_names=("state", "data"))
 
 
@@ -117,36 +118,30 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
 
 
-# --- Config next to the checkpoints, and params for predict / visualize. ----------------------
+# --- Config next to the checkpoints, and params for eval / predict / visualize. ----------------
 
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+def write_config(workdir: paths.PathLike, config: ml_collections.ConfigDict) -> None:
   """Writes ``workdir/config.json`` (process 0)."""
-  if jax.process_index() != 0:
-    return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  if jax.process_index() == 0:
+    paths.write_text(paths.resolve(workdir) / CONFIG_FILE, config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  with open(os.path.join(workdir, CONFIG_FILE)) as f:
-    return ml_collections.ConfigDict(json.load(f))
+def read_config(workdir: paths.PathLike) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(paths.read_json(paths.resolve(workdir) / CONFIG_FILE))
 
 
-def load_params_from_workdir(workdir: str, step: int | None = None) -> tuple[Any, ml_collections.ConfigDict]:
-  """The parameters of the latest (or given) checkpoint of a training workdir, and its config.
+def load_params_from_workdir(workdir: paths.PathLike, step: int | None = None) -> tuple[Any, int]:
+  """The parameters of the latest (or given) checkpoint of a training workdir, and its step.
 
   Parameters come back as host-local arrays (one device), whatever mesh they
-  were saved from. The config is ``workdir/config.json``; build the model with
-  ``create_model(**config.model)``.
+  were saved from.
   """
-  config = read_config(workdir)
   manager = create_manager(workdir, read_only=True, async_save=False)
   step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"No checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)}.")
   manager.close()
-  path = os.fspath(epath.Path(manager.directory) / str(step) / "state")
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint in {manager.directory}: train first, or give --checkpoint.")
+  path = epath.Path(manager.directory) / str(step) / "state"
   with ocp.PyTreeCheckpointer() as checkpointer:
     meta = checkpointer.metadata(path)
     tree = getattr(meta, "item_metadata", meta)
@@ -156,4 +151,4 @@ def load_params_from_workdir(workdir: str, step: int | None = None) -> tuple[Any
                                    dict(tree["params"]))}
     restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
-  return restored["params"], config
+  return jax.tree.map(np.asarray, restored["params"]), int(step)

@@ -5,9 +5,9 @@ pictures to keep next to `eval_results.json` (and to read on a machine
 without TensorBoard).
 
     from vfocal_jax import plots
-    plots.plot_training_curves(workdir, os.path.join(workdir, "training_curves.png"))
+    plots.plot_training_curves(workdir, workdir + "/training_curves.png")
     cm = plots.confusion_matrix(labels, predictions, num_classes)
-    plots.plot_confusion_matrix(cm, os.path.join(workdir, "confusion_matrix.png"), class_names)
+    plots.plot_confusion_matrix(cm, workdir + "/confusion_matrix.png", class_names)
 
 The scalars are read from the TensorBoard event files that
 `clu.metric_writers` writes into the workdir, with tensorboard's protobufs
@@ -15,13 +15,14 @@ The scalars are read from the TensorBoard event files that
 """
 from __future__ import annotations
 
-import glob
-import os
+import io
 import struct
 from collections.abc import Mapping, Sequence
 from typing import Union
 
 import numpy as np
+
+from vfocal_jax import paths
 
 __all__ = ["read_scalars", "plot_training_curves", "confusion_matrix", "plot_confusion_matrix"]
 
@@ -38,7 +39,8 @@ CURVE_PANELS = (
 )
 
 
-def _pyplot():
+def pyplot():
+  """matplotlib.pyplot on the Agg backend (no display needed)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -47,7 +49,7 @@ def _pyplot():
 
 def _records(path: str):
   """The payloads of a TFRecord file (the container of TensorBoard event files)."""
-  with open(path, "rb") as f:
+  with paths.resolve(path).open("rb") as f:
     while True:
       header = f.read(12)  # uint64 length + uint32 masked CRC of the length.
       if len(header) < 12:
@@ -70,7 +72,7 @@ def read_scalars(logdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   from tensorboard.util import tensor_util  # pylint: disable=import-outside-toplevel
 
   points: dict[str, dict[int, float]] = {}
-  for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+  for path in sorted(str(p) for p in paths.resolve(logdir).glob("events.out.tfevents.*")):
     for record in _records(path):
       event = event_pb2.Event.FromString(record)
       if not event.HasField("summary"):
@@ -103,13 +105,13 @@ def plot_training_curves(scalars: Union[str, Scalars], path: str, *, title: str 
     title: figure title (default: the workdir's name).
   """
   if isinstance(scalars, str):
-    title = title or os.path.basename(os.path.normpath(scalars))
+    title = title or paths.resolve(scalars).name
     scalars = read_scalars(scalars)
   panels = [(name, [t for t in tags if t in scalars], ylabel) for name, tags, ylabel in CURVE_PANELS]
   panels = [p for p in panels if p[1]]
   if not panels:
     raise ValueError(f"No training scalars to plot (tags present: {sorted(scalars)}).")
-  plt = _pyplot()
+  plt = pyplot()
   cols = min(3, len(panels))
   rows = -(-len(panels) // cols)
   fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
@@ -131,7 +133,7 @@ def plot_training_curves(scalars: Union[str, Scalars], path: str, *, title: str 
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def _spans_decades(scalars: Scalars, tags: Sequence[str]) -> bool:
@@ -164,7 +166,7 @@ def plot_confusion_matrix(confusion: np.ndarray, path: str, class_names: Sequenc
     raise ValueError(f"confusion must be square, got {confusion.shape}")
   counts = confusion.sum(axis=1, keepdims=True)
   shown = confusion / np.maximum(counts, 1) if normalize else confusion
-  plt = _pyplot()
+  plt = pyplot()
   size = float(np.clip(0.28 * n + 2.5, 4.5, 16))
   fig, ax = plt.subplots(figsize=(size + 1.2, size))
   image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else None, interpolation="nearest")
@@ -184,12 +186,15 @@ def plot_confusion_matrix(confusion: np.ndarray, path: str, class_names: Sequenc
   ax.set_ylabel("true class")
   ax.set_title(title or f"confusion matrix ({int(confusion.sum())} videos, top-1 {100 * accuracy:.1f}%)")
   fig.tight_layout()
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
-def _save(fig, path: str) -> str:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fig.savefig(path, dpi=110)
-  _pyplot().close(fig)
-  return path
+def save_figure(fig, path: str, dpi: int = 110) -> str:
+  """Writes ``fig`` as a PNG to ``path`` (local or gs://), closes it; returns the path written."""
+  out = io.BytesIO()
+  fig.savefig(out, dpi=dpi, format="png")
+  pyplot().close(fig)
+  target = paths.resolve(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  target.write_bytes(out.getvalue())
+  return str(target)

@@ -42,16 +42,11 @@ __all__ = [
 DEFAULT_IMAGE_SIZE = 224
 
 
-def _model_kwargs(model_config: Any) -> dict[str, Any]:
-  if hasattr(model_config, "to_dict"):
-    model_config = model_config.to_dict()
-  return dict(model_config or {})
-
-
 def build_model(model_config: Any, **overrides: Any) -> nn.Module:
   """`create_model(**model_config, **overrides)`; model_config is a dict or ConfigDict."""
+  from vfocal_jax.artifacts import model_kwargs  # pylint: disable=import-outside-toplevel
   from vfocal_jax.models import create_model  # pylint: disable=import-outside-toplevel
-  return create_model(**{**_model_kwargs(model_config), **overrides})
+  return create_model(**{**model_kwargs(model_config or {}), **overrides})
 
 
 def count_params(params: Any) -> int:
@@ -195,7 +190,8 @@ def _fmt(value: float) -> str:
 def print_summary(model_config: Any, num_frames: int | None = None,
                   image_size: int | None = None) -> dict[str, Any]:
   """Prints params and GMACs per view of `create_model(**model_config)`; returns the figures."""
-  kwargs = _model_kwargs(model_config)
+  from vfocal_jax.artifacts import model_kwargs  # pylint: disable=import-outside-toplevel
+  kwargs = model_kwargs(model_config)
   s = summarize(kwargs, num_frames, image_size, with_xla=True)
   _, t, h, w, _ = s["video_shape"]
   print(f"Video-FocalNet {kwargs.get('variant', 'tiny')} "

@@ -15,10 +15,9 @@ TensorBoard and stdout with an ETA, evaluates, and writes ``eval_results.json``.
 from __future__ import annotations
 
 import functools
-import os
 import signal
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,8 @@ from clu import metric_writers
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vfocal_jax import checkpoints, evaluate, mixup, optim, pixels, sharding
+from vfocal_jax import artifacts, checkpoints, evaluate, finetune, mixup, model_card, optim, paths, pixels, sharding
+from vfocal_jax import batch as batch_lib
 from vfocal_jax.metrics import TrainMetrics
 from vfocal_jax.train_state import TrainState, create_train_state
 
@@ -55,45 +55,6 @@ class NonFiniteLossError(RuntimeError):
 
 
 # --- Model and state. ------------------------------------------------------------------------
-
-def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """``config.model`` as keyword arguments of ``create_model`` (dtype names -> dtypes)."""
-  kwargs = config.model.to_dict()
-  for key in ("dtype", "param_dtype"):
-    if isinstance(kwargs.get(key), str):
-      kwargs[key] = jnp.dtype(kwargs[key])
-  for key, value in list(kwargs.items()):
-    if isinstance(value, list):
-      kwargs[key] = tuple(value)
-  return kwargs
-
-
-def build_model(config: ml_collections.ConfigDict):
-  from vfocal_jax.models import create_model
-  return create_model(**model_kwargs(config))
-
-
-def init_params(model, rng: jax.Array, num_frames: int, image_size: int) -> Any:
-  video = jnp.zeros((1, num_frames, image_size, image_size, 3), jnp.float32)
-  return model.init({"params": rng}, video, train=False)["params"]
-
-
-def load_pretrained(params: Any, pretrained: Any) -> tuple[Any, list[str]]:
-  """Copies ``pretrained`` into ``params`` where paths and shapes agree.
-
-  Entries whose shape differs (a head for another class count) or that the
-  checkpoint lacks keep their fresh initialisation; their paths are returned.
-  """
-  flat = traverse_util.flatten_dict(params, sep="/")
-  src = traverse_util.flatten_dict(pretrained, sep="/")
-  kept = []
-  for key, value in flat.items():
-    if key in src and tuple(np.shape(src[key])) == tuple(value.shape):
-      flat[key] = jnp.asarray(src[key], value.dtype)
-    else:
-      kept.append(key)
-  return traverse_util.unflatten_dict(flat, sep="/"), kept
-
 
 # --- The step. -------------------------------------------------------------------------------
 
@@ -171,7 +132,7 @@ class Trainer:
                rules=sharding.DEFAULT_RULES):
     self.config = config
     self.mesh = mesh if mesh is not None else sharding.create_mesh(config.mesh_shape)
-    self.model = build_model(config)
+    self.model = artifacts.build_model(config)
     self.num_classes = int(config.model.num_classes)
     self.steps_per_epoch = max(int(steps_per_epoch), 1)
     self.total_steps = optim.total_train_steps(config, self.steps_per_epoch)
@@ -180,16 +141,14 @@ class Trainer:
 
     def init(rng):
       r_params, r_state = jax.random.split(rng)
-      params = init_params(self.model, r_params, config.num_frames, config.image_size)
+      params = artifacts.init_params(self.model, r_params, config.num_frames, config.image_size)
       return create_train_state(r_state, params, self.tx)
 
     self._init = init
     self.abstract_state = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
     self.state_sharding = sharding.state_shardings(
         self.abstract_state, self.mesh, rules=rules, fsdp=config.fsdp, fsdp_min_size=config.fsdp_min_size)
-    self.batch_sharding = {"video": sharding.batch_sharding(self.mesh, 5),
-                           "pixel_affine": sharding.batch_sharding(self.mesh, 3),
-                           "label": sharding.batch_sharding(self.mesh, 1)}
+    self.batch_sharding = batch_lib.shardings(self.mesh, batch_lib.TRAIN_FIELDS)
     step = functools.partial(train_step, model=self.model, tx=self.tx, schedule=self.schedule, config=config,
                              num_classes=self.num_classes, batch_spec=(sharding.DATA,))
     self.train_step = jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
@@ -209,8 +168,7 @@ class Trainer:
     return state.replace(params=params)
 
   def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    local_batch = pixels.with_pixel_affine(local_batch)
-    return sharding.global_batch({k: local_batch[k] for k in self.batch_sharding}, self.mesh)
+    return batch_lib.to_device(local_batch, self.mesh, batch_lib.TRAIN_FIELDS)
 
 
 # --- The loop. -------------------------------------------------------------------------------
@@ -274,16 +232,20 @@ def steps_per_epoch_for(config: ml_collections.ConfigDict) -> int:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | None = None,
-                       *, train_iter=None, steps_per_epoch: int | None = None) -> dict[str, Any]:
+                       *, train_iter=None, steps_per_epoch: int | None = None,
+                       overrides: Iterable[str] = ()) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints), then evaluates.
 
   Args:
     config: a config of ``configs/``.
     workdir: checkpoints, TensorBoard events, ``config.json`` and ``eval_results.json`` go here.
-    checkpoint: a converted checkpoint (``params_io``) to fine-tune from; entries
-      whose shape differs (the head, for another class count) are re-initialised.
+    checkpoint: a converted checkpoint or a workdir to fine-tune from (wins over
+      ``config.init_checkpoint``); its architecture must be the config's, except
+      the head, re-initialised when the class count differs.
     train_iter: an iterator of local batches to use instead of the pipeline (tests).
     steps_per_epoch: overrides the count from the split size (tests).
+    overrides: config fields the user set explicitly (they may differ from the
+      fine-tuning checkpoint's model card).
 
   Returns:
     The final evaluation results (also written to ``workdir/eval_results.json``)
@@ -291,11 +253,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoi
     this run; on SIGTERM only ``history`` and ``preempted_at``.
   """
   quiet_orbax_logs()
-  os.makedirs(workdir, exist_ok=True)
-  checkpoints.write_config(workdir, config)
+  config, class_names = finetune.classes_from_data(config)
+  init_from = checkpoint or config.init_checkpoint or None
+  pretrained = finetune.pretrained_params(config, init_from, overrides=overrides) if init_from else None
   if steps_per_epoch is None:
     steps_per_epoch = steps_per_epoch_for(config)
   trainer = Trainer(config, steps_per_epoch)
+  checkpoints.write_config(workdir, config)
+  if jax.process_index() == 0:
+    model_card.write_card(workdir, model_card.card_from_config(
+        config, trainer.model, class_names=class_names,
+        provenance={"kind": "training", "workdir": str(paths.resolve(workdir)), "init_checkpoint": init_from}))
   total = trainer.total_steps
   logging.info("Mesh %s; %d steps (%d per epoch), global batch %d x %d accumulation.",
                dict(trainer.mesh.shape), total, trainer.steps_per_epoch, config.batch_size, config.accumulation_steps)
@@ -307,13 +275,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoi
   state = checkpoints.restore_latest(manager, trainer.abstract_target(), train_iter)
   if state is None:
     state = trainer.init_state()
-    init_from = checkpoint or config.get("init_checkpoint") or None
-    if init_from:
-      from vfocal_jax import params_io
-      pretrained, _ = params_io.load_params(init_from)
-      host = sharding.to_host(state.params)
-      merged, reinit = load_pretrained(host, pretrained)
-      logging.info("Fine-tuning from %s; re-initialised (shape differs or missing): %s", init_from, reinit)
+    if pretrained is not None:
+      merged, reinit = finetune.merge_pretrained(sharding.to_host(state.params), pretrained)
+      logging.info("Fine-tuning from %s; re-initialised (%d classes here, the checkpoint's head differs, or "
+                   "missing there): %s", init_from, trainer.num_classes, reinit or "nothing")
       state = trainer.place_params(state, merged)
   start = int(sharding.to_host(state.step))
   if start:
@@ -385,7 +350,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoi
                                          num_clips=config.test_num_clips, num_crops=config.test_num_crops,
                                          step_fn=eval_step)
       results["step"] = int(total)
-      evaluate.write_results(workdir, results, config)
+      evaluate.write_results(workdir, results)
       writer.write_scalars(total, {f"test/{k}": v for k, v in results.items() if isinstance(v, float)})
       writer.flush()
       _write_training_curves(workdir)
@@ -404,7 +369,7 @@ def _write_training_curves(workdir: str) -> None:
     return
   from vfocal_jax import plots
   try:
-    logging.info("Wrote %s", plots.plot_training_curves(workdir, os.path.join(workdir, CURVES_PNG)))
+    logging.info("Wrote %s", plots.plot_training_curves(workdir, paths.join(workdir, CURVES_PNG)))
   except Exception as e:  # A figure is never worth losing the run over.
     logging.warning("Could not draw the training curves: %s", e)
 

@@ -25,26 +25,27 @@ from __future__ import annotations
 import functools
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from flax import traverse_util
 
-from vfocal_jax import predict
+from vfocal_jax import artifacts, paths, pixels, plots, predict
 
-__all__ = ["modulator_magnitudes", "select_layers", "upsample", "clip_for_display", "plot_modulators",
+__all__ = ["modulator_magnitudes", "select_layers", "upsample", "plot_modulators",
            "plot_top5", "visualize_video", "run"]
 
 KINDS = ("spatial_modulator", "temporal_modulator")
 
 
-def _magnitudes(params: Any, clip: jax.Array, *, model) -> tuple[jax.Array, dict[str, jax.Array]]:
-  logits, state = model.apply({"params": params}, clip, train=False, mutable=["intermediates"])
+def _magnitudes(params: Any, clip: jax.Array, pixel_affine: jax.Array, *,
+                model) -> tuple[jax.Array, dict[str, jax.Array]]:
+  x = pixels.normalize(clip, pixel_affine)
+  logits, state = model.apply({"params": params}, x, train=False, mutable=["intermediates"])
   flat = traverse_util.flatten_dict(state["intermediates"], sep="/")
   out = {}
   for path, value in flat.items():
@@ -60,17 +61,19 @@ def _jitted(model):
   return jax.jit(functools.partial(_magnitudes, model=model))
 
 
-def modulator_magnitudes(model, params: Any, clip: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def modulator_magnitudes(model, params: Any, clip: np.ndarray,
+                         pixel_affine: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """Logits and the channel L2 norm of every sown modulator for one clip.
 
   Args:
-    clip: normalised float32 `(T, H, W, 3)` (one view).
+    clip: `(T, H, W, 3)` pixels of one view (uint8, as the eval pipeline cuts it).
+    pixel_affine: `(5, 3)` its normalisation (`pixels.normalize`).
 
   Returns:
     `(logits (num_classes,), {path: (T', h, w)})`, path like
     `layers_0/blocks_0/modulation/spatial_modulator`.
   """
-  logits, maps = _jitted(model)(params, jnp.asarray(clip, jnp.float32)[None])
+  logits, maps = _jitted(model)(params, jnp.asarray(clip)[None], jnp.asarray(pixel_affine, jnp.float32)[None])
   return np.asarray(logits[0]), {k: np.asarray(v) for k, v in maps.items()}
 
 
@@ -88,10 +91,10 @@ def select_layers(maps: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarra
   rows = []
   for position, pick in (("first", 0), ("last", -1)):
     for kind in KINDS:
-      paths = by_kind[kind]
-      if not paths:
+      found = by_kind[kind]
+      if not found:
         continue  # e.g. design='spatial_only' has no temporal modulator.
-      path = paths[pick]
+      path = found[pick]
       stage, block = _stage_block(path)
       rows.append((f"{kind.split('_')[0]} modulator\n{position} layer (stage {stage + 1}, block {block + 1})",
                    path, maps[path]))
@@ -104,24 +107,10 @@ def upsample(maps: np.ndarray, height: int, width: int) -> np.ndarray:
   return np.asarray(jax.image.resize(maps, (maps.shape[0], height, width), method="bilinear"))
 
 
-def clip_for_display(clip: np.ndarray, data_cfg: ml_collections.ConfigDict) -> np.ndarray:
-  """Undoes the normalisation: float `(T, H, W, 3)` -> uint8 pixels as the model saw them."""
-  mean = np.asarray(data_cfg.mean, np.float32)
-  std = np.asarray(data_cfg.std, np.float32)
-  return np.clip(np.asarray(clip, np.float32) * std + mean, 0, 255).round().astype(np.uint8)
-
-
-def _pyplot():
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  return plt
-
-
 def plot_modulators(frames: np.ndarray, rows: Sequence[tuple[str, str, np.ndarray]], path: str, *,
                     title: str = "", tubelet: int = 1, alpha: float = 0.55) -> str:
   """The frames and the modulator heat maps over them, one column per frame; returns `path`."""
-  plt = _pyplot()
+  plt = plots.pyplot()
   t, h, w, _ = frames.shape
   n_rows = 1 + len(rows)
   cell = 1.6 if t > 6 else 2.0
@@ -147,12 +136,12 @@ def plot_modulators(frames: np.ndarray, rows: Sequence[tuple[str, str, np.ndarra
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  return _save(fig, path)
+  return plots.save_figure(fig, path, dpi=100)
 
 
 def plot_top5(top: Sequence[tuple[int, str, float]], path: str, *, title: str = "") -> str:
   """Horizontal bars of the top-5 probabilities (best at the top); returns `path`."""
-  plt = _pyplot()
+  plt = plots.pyplot()
   names = [name for _, name, _ in top][::-1]
   probs = [p for _, _, p in top][::-1]
   fig, ax = plt.subplots(figsize=(6.0, 0.45 * len(top) + 1.2))
@@ -165,37 +154,29 @@ def plot_top5(top: Sequence[tuple[int, str, float]], path: str, *, title: str = 
   if title:
     ax.set_title(title, fontsize=10)
   fig.tight_layout()
-  return _save(fig, path)
+  return plots.save_figure(fig, path, dpi=100)
 
 
-def _save(fig, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100)
-  _pyplot().close(fig)
-  return path
-
-
-def visualize_video(loaded: predict.LoadedModel, frames: np.ndarray, output_dir: str, name: str, *,
+def visualize_video(loaded: artifacts.Loaded, frames: np.ndarray, output_dir: str, name: str, *,
                     class_names: Sequence[str] | None = None) -> dict[str, Any]:
   """Writes the two PNGs of one decoded video; returns their paths, the maps and the top-5."""
   config = loaded.config
   one_view = ml_collections.ConfigDict(config.to_dict())
   one_view.test_num_clips, one_view.test_num_crops = 1, 1
-  clip = predict.video_views(frames, one_view)[0]
-  _, maps = modulator_magnitudes(loaded.model, loaded.params, clip)
+  clip, affine = predict.video_views(frames, one_view)
+  _, maps = modulator_magnitudes(loaded.model, loaded.params, clip[0], affine)
   rows = select_layers(maps)
-  views = predict.video_views(frames, config)
-  probs = np.asarray(predict.make_predict_fn(loaded.model)(loaded.params, views[None]))[0]
+  views, affine = predict.video_views(frames, config)
+  probs = np.asarray(predict.make_predict_fn(loaded.model)(loaded.params, views[None], affine[None]))[0]
   num_classes = probs.shape[0]
   names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
   order = np.argsort(-probs, kind="stable")[:min(predict.TOP_K, num_classes)]
   top = [(int(i), names[int(i)], float(probs[i])) for i in order]
-  stem = os.path.join(output_dir, name)
+  stem = paths.join(output_dir, name)
   modulators_png = plot_modulators(
-      clip_for_display(clip, config.data), rows, stem + "_modulators.png",
-      title=f"{name}: predicted '{top[0][1]}' ({top[0][2]:.2f})", tubelet=int(getattr(loaded.model, "tubelet_size", 1)))
-  top5_png = plot_top5(top, stem + "_top5.png",
-                       title=f"{name}: top-5 over {views.shape[0]} views")
+      clip[0], rows, stem + "_modulators.png", title=f"{name}: predicted '{top[0][1]}' ({top[0][2]:.2f})",
+      tubelet=int(loaded.model.tubelet_size))
+  top5_png = plot_top5(top, stem + "_top5.png", title=f"{name}: top-5 over {views.shape[0]} views")
   return {"modulators_png": modulators_png, "top5_png": top5_png, "top": top,
           "maps": {path: m for _, path, m in rows}}
 
@@ -211,27 +192,34 @@ def _name_for(path: str, used: set[str]) -> str:
 
 
 def run(config: ml_collections.ConfigDict | None, *, workdir: str | None = None, checkpoint: str | None = None,
-        videos: Sequence[str] | str | None = None, output_dir: str | None = None,
-        labels: str | None = None) -> list[dict[str, Any]]:
-  """The `visualize` command: PNGs per video in `output_dir`; unreadable videos are reported."""
+        videos: Sequence[str] | str | None = None, output_dir: str | None = None, labels: str | None = None,
+        config_given: bool = False, overrides: Iterable[str] = ()) -> list[dict[str, Any]]:
+  """The `visualize` command: PNGs per video in `output_dir`; unreadable videos are reported.
+
+  Raises:
+    predict.PredictionFailed: after the others, when any video could not be read.
+  """
   from vfocal_jax.input_pipeline import decode_video_file  # pylint: disable=import-outside-toplevel
   if not videos:
     raise ValueError("visualize needs --video=PATH[,PATH...].")
   if not output_dir:
     raise ValueError("visualize needs --output_dir=DIR for the PNG figures.")
-  paths = predict.read_video_list(videos)
-  loaded = predict.load_model(config, workdir=workdir, checkpoint=checkpoint)
-  names = predict.read_class_names(labels, int(loaded.model.num_classes), loaded.config)
+  video_paths = predict.read_video_list(videos)
+  loaded = artifacts.load(config, checkpoint=checkpoint, workdir=None if checkpoint else workdir,
+                          config_given=config_given, overrides=overrides)
+  names = predict.read_class_names(labels, int(loaded.model.num_classes), loaded.card.class_names)
   results, used = [], set()
-  for path in paths:
+  for path in video_paths:
     try:
       frames = decode_video_file(path)
-    except Exception as e:  # Unreadable: report, go on with the others.  pylint: disable=broad-except
-      logging.warning("Skipping %s: %s", path, e)
+    except (ValueError, OSError) as e:  # Unreadable or not a video: report, go on with the others.
       print(f"{path}: NOT VISUALISED ({type(e).__name__}: {e})")
       results.append({"video": path, "error": f"{type(e).__name__}: {e}"})
       continue
     out = visualize_video(loaded, frames, output_dir, _name_for(path, used), class_names=names)
     print(f"{path}: top-1 '{out['top'][0][1]}' ({out['top'][0][2]:.3f})\n  {out['modulators_png']}\n  {out['top5_png']}")
     results.append({"video": path, "error": None, **out})
+  failed = [r for r in results if r["error"]]
+  if failed:
+    raise predict.PredictionFailed(f"{len(failed)} of {len(results)} videos could not be read.")
   return results

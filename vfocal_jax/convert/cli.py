@@ -1,7 +1,7 @@
 """`python main.py convert`: PyTorch `.pth` -> converted checkpoint, or Flax -> safetensors.
 
-    # a released Kinetics-400 checkpoint (architecture read from the weights)
-    python main.py convert --pth=video-focalnet_tiny.pth --output_dir=converted/k400_tiny
+    # a released Kinetics-400 checkpoint (architecture read from the weights; paths may be gs://)
+    python main.py convert --pth=video-focalnet_tiny.pth --output_dir=converted/k400_tiny [--labels=k400.txt]
     # an ImageNet FocalNet-SRF checkpoint into a Video-FocalNet of the config
     python main.py convert --pth=focalnet_tiny_srf.pth --imagenet --output_dir=converted/init \
         --config=configs/k400_tiny.py
@@ -10,43 +10,34 @@
 
 The architecture fields that the weights determine (embed_dim, depths, focal
 levels and windows, patch and tubelet size, layerscale, post-LN in the
-modulation, MLP ratio, number of classes) are read from the state dict; the
-rest (num_frames, use_postln, normalize_modulator, drop rates) come from
-`--variant` or `--config.model`.
+modulation, MLP ratio, number of classes) are read from the state dict, and a
+`--variant` or `--config.model` that says otherwise is an error naming what
+the weights are. The rest (num_frames, use_postln, normalize_modulator) and the
+clip and preprocessing written into the model card come from the config (the
+official recipe when none is given).
 """
 from __future__ import annotations
 
-import os
-import re
+import hashlib
 import sys
 from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from vfocal_jax import params_io
+from vfocal_jax import artifacts, model_card, params_io, paths
 from vfocal_jax.convert.torch_pickle import load_torch_checkpoint
 
-__all__ = ["run", "infer_model_kwargs", "convert_state_dict"]
+__all__ = ["run", "infer_model_kwargs", "convert_state_dict", "VariantMismatchError"]
+
+# Fields of the weights that name a variant.
+_VARIANT_KEYS = ("embed_dim", "depths")
 
 
-def _config_model_kwargs(config: Any) -> dict[str, Any]:
-  model_cfg = getattr(config, "model", None) if config is not None else None
-  if model_cfg is None:
-    return {}
-  return dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
-
-
-def _create_model(model_kwargs: dict[str, Any]) -> Any:
-  """`create_model` with JSON/ConfigDict values normalised (lists -> tuples, dtype names)."""
-  from vfocal_jax.models import create_model  # pylint: disable=import-outside-toplevel
-  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model_kwargs.items()}
-  for key in ("dtype", "param_dtype"):
-    if isinstance(kwargs.get(key), str):
-      kwargs[key] = jnp.dtype(kwargs[key])
-  return create_model(**kwargs)
+class VariantMismatchError(ValueError):
+  """``--variant`` / ``--config.model`` disagree with the shapes of the weights."""
 
 
 def infer_model_kwargs(state_dict: Mapping[str, np.ndarray], *,
@@ -99,16 +90,37 @@ def infer_model_kwargs(state_dict: Mapping[str, np.ndarray], *,
   return out
 
 
-def _resolve_model_kwargs(config: Any, variant: str | None, inferred: dict[str, Any]
-                          ) -> dict[str, Any]:
-  base = {"variant": variant} if variant else _config_model_kwargs(config)
-  base.setdefault("variant", "tiny")
-  kwargs = dict(base)
-  for key, value in inferred.items():
-    if key in base and base[key] != value and not (isinstance(value, tuple)
-                                                   and tuple(base[key]) == value):
-      print(f"  note: model.{key}={base[key]!r} from the config replaced by {value!r} from the weights")
-    kwargs[key] = value
+def variant_of(fields: Mapping[str, Any]) -> str:
+  """The named variant whose width and depths ``fields`` have, else ``'custom'``."""
+  from vfocal_jax.models import VARIANTS  # pylint: disable=import-outside-toplevel
+  for name, spec in VARIANTS.items():
+    if spec and all(tuple(np.atleast_1d(spec[k])) == tuple(np.atleast_1d(fields.get(k, ()))) for k in _VARIANT_KEYS):
+      return name
+  return "custom"
+
+
+def resolve_model_kwargs(config: ml_collections.ConfigDict, variant: str | None, inferred: dict[str, Any], *,
+                         config_given: bool) -> dict[str, Any]:
+  """The model to convert into: the weights' fields over ``--variant`` / the config's, which must agree."""
+  base = dict(config.model.to_dict()) if "model" in config else {}
+  if variant:
+    base = {k: v for k, v in base.items() if k in artifacts.RUNTIME_FIELDS or k in ("num_frames",)}
+    base["variant"] = variant
+  told = {f: getattr(artifacts.build_model(ml_collections.ConfigDict({"model": base})), f) for f in inferred}
+  what = f"Video-FocalNet-{variant_of(inferred)} " if variant_of(inferred) != "custom" else ""
+  weights = ", ".join(f"{k}={v!r}" for k, v in inferred.items() if k in _VARIANT_KEYS + ("num_classes",))
+  if variant or config_given:
+    wrong = [f"{k}={told[k]!r} (the weights have {v!r})" for k, v in inferred.items()
+             if not model_card._same(tuple(told[k]) if isinstance(told[k], list) else told[k], v)  # pylint: disable=protected-access
+             and (variant is None or k in _VARIANT_KEYS)]
+    if wrong:
+      fix = (f"--variant={variant_of(inferred)}" if variant_of(inferred) != "custom"
+             else "no --variant (the architecture is read from the weights)")
+      source = f"--variant={variant}" if variant else "--config.model"
+      raise VariantMismatchError(f"{source} does not match the weights: {'; '.join(wrong)}. The weights are a "
+                                 f"{what}({weights}): use {fix}.")
+  kwargs = {**base, **inferred}
+  kwargs["variant"] = variant_of(inferred) if not variant else variant
   return kwargs
 
 
@@ -121,7 +133,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], *, model_kwargs: di
     `(variables, report)`; report is None for a complete load.
   """
   from vfocal_jax.convert import mapping  # pylint: disable=import-outside-toplevel
-  model = _create_model(model_kwargs)
+  model = artifacts.build_model(ml_collections.ConfigDict({"model": dict(model_kwargs)}))
   if imagenet:
     return mapping.init_from_imagenet(dict(state_dict), model, jax.random.key(seed))
   if allow_partial:
@@ -147,42 +159,42 @@ def _print_report(report: Any) -> None:
     print(f"  {report}")
 
 
-def _to_torch(config: Any, to_torch: str, checkpoint: str | None, workdir: str | None) -> None:
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with paths.resolve(path).open("rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _to_torch(config: ml_collections.ConfigDict, to_torch: str, source: str | None) -> None:
   from vfocal_jax.convert.safetensors_io import flax_to_torch  # pylint: disable=import-outside-toplevel
-  if checkpoint:
-    params, model_kwargs = params_io.load_params(checkpoint)
-    source = checkpoint
-  elif workdir:
-    try:
-      from vfocal_jax.checkpoints import load_params_from_workdir  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-      raise RuntimeError("--workdir needs vfocal_jax.checkpoints (training); "
-                         "pass --checkpoint=CONVERTED_DIR instead") from e
-    params, train_config = load_params_from_workdir(workdir)
-    model_kwargs = _config_model_kwargs(train_config)
-    source = workdir
-  else:
+  if not source:
     raise ValueError("convert --to_torch=FILE.safetensors needs --checkpoint=CONVERTED_DIR "
                      "(from `main.py convert --pth`) or --workdir=TRAINING_WORKDIR")
-  model = _create_model(model_kwargs)
-  tensors = flax_to_torch({"params": params}, model, to_torch,
-                          metadata={"format": "pt", "source": os.path.abspath(source)})
+  loaded = artifacts.load(config, checkpoint=source)
+  tensors = flax_to_torch({"params": loaded.params}, loaded.model, to_torch,
+                          metadata={"format": "pt", "source": str(paths.resolve(source))})
   print(f"Wrote {len(tensors)} tensors ({sum(v.size for v in tensors.values()):,} parameters) "
         f"with the official key names to {to_torch}")
   print("  PyTorch: model.load_state_dict(safetensors.torch.load_file(path))")
 
 
-def run(*, config: Any = None, pth: str | None = None, output_dir: str | None = None,
+def run(*, config: ml_collections.ConfigDict, pth: str | None = None, output_dir: str | None = None,
         variant: str | None = None, to_torch: str | None = None, checkpoint: str | None = None,
-        workdir: str | None = None, allow_partial: bool = False, imagenet: bool = False) -> None:
-  """The `convert` command (see the module doc); errors say which flag fixes them."""
+        workdir: str | None = None, allow_partial: bool = False, imagenet: bool = False,
+        labels: str | None = None, config_given: bool = False) -> str | None:
+  """The `convert` command (see the module doc); errors say which flag fixes them.
+
+  Returns the converted checkpoint's path (None for ``--to_torch``).
+  """
   if to_torch:
-    _to_torch(config, to_torch, checkpoint, workdir)
-    return
+    _to_torch(config, to_torch, checkpoint or workdir)
+    return None
   if not pth:
     raise ValueError("convert needs --pth=FILE.pth (and --output_dir=DIR), "
                      "or --to_torch=FILE.safetensors with --checkpoint=DIR")
-  if not os.path.isfile(pth):
+  if not paths.resolve(pth).is_file():
     raise FileNotFoundError(f"--pth={pth}: no such file")
   if not output_dir:
     raise ValueError("convert --pth needs --output_dir=DIR for the converted checkpoint")
@@ -192,23 +204,34 @@ def run(*, config: Any = None, pth: str | None = None, output_dir: str | None = 
   print(f"Reading {pth} (no torch import, nothing from the file is executed)")
   state_dict = load_torch_checkpoint(pth)
   inferred = infer_model_kwargs(state_dict, with_head=not (imagenet or allow_partial))
-  if imagenet:  # the video fields (frames, tubelet, classes) come from the config
+  if imagenet:  # The video fields (frames, tubelet, classes) come from the config.
     inferred = {k: v for k, v in inferred.items() if k not in ("tubelet_size",)}
-  model_kwargs = _resolve_model_kwargs(config, variant, inferred)
+  model_kwargs = resolve_model_kwargs(config, variant, inferred, config_given=config_given and not imagenet)
   print(f"  model: {model_kwargs}")
   from vfocal_jax.convert import mapping  # pylint: disable=import-outside-toplevel
   try:
     variables, report = convert_state_dict(
         state_dict, model_kwargs=model_kwargs, allow_partial=allow_partial, imagenet=imagenet)
   except mapping.CheckpointMismatchError:
-    print("The checkpoint does not match the model above. If it is an ImageNet FocalNet-SRF "
-          "checkpoint, add --imagenet; to load what matches and initialise the rest, add "
-          "--allow_partial; otherwise check --variant / --config.model.*", file=sys.stderr)
+    print(f"{pth} does not match the model above. If it is an ImageNet FocalNet-SRF checkpoint, add "
+          "--imagenet; to load what matches and initialise the rest, add --allow_partial.", file=sys.stderr)
     raise
   if report is not None:
     print("Partial load report:")
     _print_report(report)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
-  path = params_io.save_params(output_dir, variables["params"], model_kwargs)
-  print(f"Wrote {num_params:,} parameters to {path} (Orbax params/ + model.json)")
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model = ml_collections.ConfigDict(model_kwargs)
+  model = artifacts.build_model(config)
+  class_names = None
+  if labels:
+    from vfocal_jax.predict import read_class_names  # pylint: disable=import-outside-toplevel
+    class_names = read_class_names(labels, int(model.num_classes))
+  card = model_card.card_from_config(
+      config, model, class_names=class_names,
+      provenance={"kind": "imagenet_init" if imagenet else "converted", "source": str(paths.resolve(pth)),
+                  "sha256": _sha256(pth), "partial": bool(report is not None)})
+  path = params_io.save_params(output_dir, variables["params"], card)
+  print(f"Wrote {num_params:,} parameters to {path} (Orbax params/ + {model_card.CARD_FILE})")
   print(f"  use it with: --checkpoint={path}")
+  return path

@@ -2,7 +2,6 @@
 
 TensorFlow lives here and in data/ only; nothing here knows the model or JAX.
 """
-from vfocal_jax.input_pipeline.config import data_config_defaults
 from vfocal_jax.input_pipeline.pipeline import (DatasetInfo, EvalIterator, TrainIterator,
                                                 create_eval_iterator, create_train_iterator,
                                                 eval_views_from_frames, get_dataset_info)
@@ -10,6 +9,6 @@ from vfocal_jax.input_pipeline.video_io import VideoDecodeError, decode_video_fi
 
 __all__ = [
     "DatasetInfo", "EvalIterator", "TrainIterator", "VideoDecodeError", "create_eval_iterator",
-    "create_train_iterator", "data_config_defaults", "decode_video_file", "eval_views_from_frames",
+    "create_train_iterator", "decode_video_file", "eval_views_from_frames",
     "get_dataset_info",
 ]

@@ -506,7 +506,7 @@ def create_train_iterator(data_cfg: ml_collections.ConfigDict, *, batch_size: in
   """Infinite per-host training iterator.
 
   Args:
-    data_cfg: `config.data` (see `data_config_defaults`).
+    data_cfg: `config.data` (every field: `vfocal_jax/configs/data.py`).
     batch_size: examples per batch on this host.
     seed: same seed, same hosts -> same batches.
     num_frames, image_size: clip shape (T, S, S).
@@ -542,17 +542,20 @@ def create_eval_iterator(data_cfg: ml_collections.ConfigDict, *, batch_size: int
   return EvalIterator(ds, info, num_batches, num_local)
 
 
-def eval_views_from_frames(frames: np.ndarray, *, num_frames: int, image_size: int, num_clips: int = 1,
-                           num_crops: int = 1, data_cfg: ml_collections.ConfigDict | None = None,
-                           seed: int = 0) -> np.ndarray:
-  """The eval pipeline's views of a decoded video, normalised float32 (V, T, S, S, 3).
+def eval_views_from_frames(frames: np.ndarray, *, num_frames: int, image_size: int, num_clips: int,
+                           num_crops: int, data_cfg: ml_collections.ConfigDict,
+                           seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """The eval pipeline's views of a decoded video, as the eval batches hold them.
 
   Args:
     frames: uint8 (N, H, W, 3), e.g. from `decode_video_file`.
-    data_cfg: sampling / resize / normalisation fields (defaults if None).
+    data_cfg: the sampling / resize / normalisation fields.
+
+  Returns:
+    `(views, pixel_affine)`: uint8 (V, T, S, S, 3) and float32 (5, 3), the
+    normalisation (`vfocal_jax.pixels.normalize` applies it on the device).
   """
-  from vfocal_jax.input_pipeline.config import data_config_defaults
-  cfg = data_cfg if data_cfg is not None else data_config_defaults()
+  cfg = data_cfg
   frames = np.asarray(frames)
   if frames.ndim != 4 or frames.shape[0] == 0 or frames.shape[-1] != 3:
     raise ValueError(f"Expected frames (N>0, H, W, 3), got {frames.shape}.")
@@ -563,4 +566,5 @@ def eval_views_from_frames(frames: np.ndarray, *, num_frames: int, image_size: i
   picked = tf.convert_to_tensor(frames[idx.numpy().reshape(-1)].astype(np.uint8))
   views = transforms.eval_views(picked, num_clips=num_clips, num_frames=num_frames, image_size=image_size,
                                 num_crops=num_crops, resize_ratio=float(cfg.eval_resize_ratio))
-  return transforms.apply_affine(views, transforms.normalization_affine(tuple(cfg.mean), tuple(cfg.std))).numpy()
+  affine = transforms.normalization_affine(tuple(cfg.mean), tuple(cfg.std))
+  return views.numpy(), affine.numpy()

@@ -1,9 +1,15 @@
-"""Reading video files into frames with PyAV (FFmpeg)."""
+"""Reading video files (local or ``gs://``) into frames with PyAV (FFmpeg)."""
 from __future__ import annotations
 
 import os
 
 import numpy as np
+from etils import epath
+
+# FFmpeg demuxers / decoders that turn files which are not videos into "frames":
+# a text file opens as an ANSI-art video (tty demuxer, ansi codec).
+NOT_VIDEO_FORMATS = frozenset({"tty"})
+NOT_VIDEO_CODECS = frozenset({"ansi"})
 
 
 class VideoDecodeError(ValueError):
@@ -22,7 +28,8 @@ def decode_video_file(path: str | os.PathLike, *, short_side: int | None = None,
   """Decodes every frame of a video file (first video stream) into RGB.
 
   Args:
-    path: any container/codec FFmpeg reads (mp4/h264, webm/vp9, avi/mjpeg...).
+    path: a local path or a ``gs://`` URL; any container/codec FFmpeg reads
+      (mp4/h264, webm/vp9, avi/mjpeg...).
     short_side: if set, frames are resized (FFmpeg swscale, bicubic) so that
       their shorter side has this many pixels, keeping the aspect ratio.
     max_fps: if set and the video is faster, frames are dropped (by their
@@ -33,19 +40,24 @@ def decode_video_file(path: str | os.PathLike, *, short_side: int | None = None,
     uint8 array (N, H, W, 3), N >= 1, in display order.
 
   Raises:
-    VideoDecodeError: the file is missing, unreadable, or has no video frame.
+    VideoDecodeError: the file is missing, unreadable, not a video (text,
+      audio only), or has no decodable video frame.
   """
   import av  # PyAV; imported here so that reading shards does not need it.
 
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  file = epath.Path(path)
+  if not file.is_file():
     raise VideoDecodeError(f"{path}: no such file")
   frames = []
   try:
-    with av.open(path) as container:
-      if not container.streams.video:
-        raise VideoDecodeError(f"{path}: no video stream")
+    with file.open("rb") as f, av.open(f) as container:
+      if container.format.name in NOT_VIDEO_FORMATS or not container.streams.video:
+        raise VideoDecodeError(f"{path}: not a video (no video stream; FFmpeg reads it as "
+                               f"{container.format.name!r})")
       stream = container.streams.video[0]
+      if stream.codec_context.name in NOT_VIDEO_CODECS:
+        raise VideoDecodeError(f"{path}: not a video (FFmpeg reads it as {stream.codec_context.name!r} text)")
       stream.thread_type = "AUTO"
       next_time = None
       size = None

@@ -1,11 +1,11 @@
-"""Every field of `config.data`, with its default and meaning."""
+"""Every field of `config.data`, with its default and meaning (the recipes of this folder start here)."""
 from __future__ import annotations
 
 import ml_collections
 
 
-def data_config_defaults() -> ml_collections.ConfigDict:
-  """Default data config; configs/ start from this and override fields.
+def get_config() -> ml_collections.ConfigDict:
+  """The default data config; the recipes start from this and override fields.
 
   Clip length (`num_frames`), input size (`image_size`), batch size, seed and
   the number of eval views are arguments of the iterator factories, not data
@@ -71,7 +71,7 @@ def data_config_defaults() -> ml_collections.ConfigDict:
   # image_size) and centre crop; 3 crops = resize short side to image_size
   # and take left/centre/right (top/centre/bottom) crops.
   c.eval_resize_ratio = 256 / 224
-  # Normalisation of 0..255 pixels (DESIGN.md section 2).
+  # Normalisation of 0..255 pixels (ImageNet mean/std, as the released models).
   c.mean = (123.675, 116.28, 103.53)
   c.std = (58.395, 57.12, 57.375)
 

@@ -3,7 +3,7 @@
     python main.py train --config=configs/activitynet_base.py --workdir=DIR \
       --config.data.train_shards=SHARDS/train --config.data.eval_shards=SHARDS/val
 """
-from configs import default
+from vfocal_jax.configs import default
 
 
 def get_config():

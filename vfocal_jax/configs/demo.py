@@ -18,7 +18,7 @@ tubelet 1 stays at chance (9.0%); with tubelet 2 its stem sees motion too.
 """
 import ml_collections
 
-from configs import default
+from vfocal_jax.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:

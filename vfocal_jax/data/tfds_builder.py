@@ -1,7 +1,7 @@
 r"""A tfds builder over a folder of videos + CSVs (`path,label` per line).
 
     import tensorflow_datasets as tfds
-    from data.tfds_builder import VideoCsv
+    from vfocal_jax.data.tfds_builder import VideoCsv
     builder = VideoCsv(data_dir="~/tensorflow_datasets",
                        splits={"train": "train.csv", "test": "val.csv"}, video_root="videos/")
     builder.download_and_prepare()     # offline: reads local files only
@@ -20,7 +20,7 @@ import os
 import tensorflow_datasets as tfds
 from absl import logging
 
-from data import make_shards
+from vfocal_jax.data import make_shards
 from vfocal_jax.input_pipeline.video_io import VideoDecodeError, decode_video_file
 
 

@@ -137,7 +137,7 @@ def build_demo_dataset(output_dir: str, *, train_per_class: int = 100, val_per_c
     dict with `train_dir`, `val_dir`, `label_map`, `class_names`, and the two
     writers' summaries (`train_info`, `val_info`).
   """
-  from data import make_shards
+  from vfocal_jax.data import make_shards
 
   video_dir = os.path.join(output_dir, "videos")
   os.makedirs(video_dir, exist_ok=True)
@@ -168,6 +168,37 @@ def build_demo_dataset(output_dir: str, *, train_per_class: int = 100, val_per_c
                                      label_map=label_map, **common)
   return {"train_dir": train_dir, "val_dir": val_dir, "label_map": label_map,
           "class_names": list(CLASS_NAMES), "train_info": train_info, "val_info": val_info}
+
+
+def prepare(config, workdir: str):
+  """The demo config's data: builds the shards once (process 0), points ``config.data`` at them.
+
+  Only a config with a ``demo_dataset`` block and no ``data.train_shards`` is
+  touched (``configs/demo.py``); any other config comes back as it is. The
+  shards go to ``config.demo_data_dir``, else ``<workdir>/demo_data``, else
+  (for a ``gs://`` workdir: PyAV renders local files) ``~/.cache/vfocal_jax/demo_data``.
+  """
+  import jax
+  import ml_collections
+  from absl import logging
+
+  from vfocal_jax import paths
+  if "demo_dataset" not in config or config.data.train_shards:
+    return config
+  demo_dir = config.demo_data_dir or (
+      os.path.expanduser("~/.cache/vfocal_jax/demo_data") if paths.is_url(workdir)
+      else os.path.join(os.path.abspath(workdir), "demo_data"))
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data.train_shards = os.path.join(demo_dir, "train")
+  config.data.eval_shards = config.data.eval_shards or os.path.join(demo_dir, "val")
+  if jax.process_index() == 0 and not os.path.exists(os.path.join(demo_dir, "DONE")):
+    logging.info("Demo: writing the synthetic motion dataset to %s ...", demo_dir)
+    build_demo_dataset(demo_dir, progress=True, **config.demo_dataset.to_dict())
+    open(os.path.join(demo_dir, "DONE"), "w").close()
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("demo_data")
+  return config
 
 
 def main(argv: Sequence[str] | None = None) -> None:

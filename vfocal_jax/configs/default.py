@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import ml_collections
 
+from vfocal_jax.configs import data
+
 
 def data_defaults() -> ml_collections.ConfigDict:
-  from vfocal_jax.input_pipeline import data_config_defaults
-  return data_config_defaults()
+  """Every ``config.data`` field with its default (``configs/data.py``)."""
+  return data.get_config()
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -51,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.remat = False           # Rematerialise blocks (TRAIN.USE_CHECKPOINT).
   config.model.dense_init = "official"  # Linear init: official trunc_normal(0.02) | fan_in (from scratch; docs/training.md).
 
-  # Input pipeline (fields documented in vfocal_jax.input_pipeline.data_config_defaults).
+  # Input pipeline (every field documented in configs/data.py).
   config.data = data_defaults()
   config.data.num_classes = config.model.get_ref("num_classes")
   config.data.frame_interval = 4       # AUG.FRAME_INTERVAL.

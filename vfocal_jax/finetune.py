@@ -1,0 +1,79 @@
+"""Starting a run from an artifact: the class count from the data, the weights from a checkpoint.
+
+A run takes its number of classes from its data when the data has a label map
+(``labels.txt`` / ``dataset_info.json`` beside the shards, or the tfds
+metadata), so fine-tuning a 400-class model on a 10-class folder gets a
+10-way head without a flag. The checkpoint's architecture must be the
+config's (its model card says what it is); only the head may differ, and it is
+then re-initialised, which the log says.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import traverse_util
+
+from vfocal_jax import artifacts, model_card
+
+__all__ = ["classes_from_data", "pretrained_params", "merge_pretrained"]
+
+
+def classes_from_data(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, list[str] | None]:
+  """``config`` with ``model.num_classes`` from the train data's label map, and the class names.
+
+  Without a label map (or without data, as in tests that feed their own
+  batches) the config's count stands and the names are None.
+  """
+  from vfocal_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  if not (config.data.train_shards or config.data.tfds_name):
+    return config, None
+  info = input_pipeline.get_dataset_info(config.data, "train")
+  names = list(info.label_names) if info.label_names else None
+  if names is None:
+    return config, None
+  if len(names) != int(config.model.num_classes):
+    logging.warning("The train data's label map has %d classes: model.num_classes %d -> %d.", len(names),
+                    config.model.num_classes, len(names))
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.num_classes = len(names)
+    config.data.num_classes = len(names)
+  return config, names
+
+
+def pretrained_params(config: ml_collections.ConfigDict, source: str, *, overrides: Iterable[str] = ()) -> Any:
+  """Host parameters of the converted checkpoint or workdir ``source``, checked against ``config``'s model.
+
+  Raises:
+    model_card.CardMismatchError: an architecture field other than the class
+      count differs from the card (unless set explicitly with --config.model.FIELD).
+  """
+  card = artifacts.read_card(source, config)
+  fields = [f for f in card.fields if f.startswith("model.") and f != "model.num_classes"]
+  artifacts.configure(config, card, config_given=True, overrides=overrides, fields=fields, source=source)
+  if artifacts.artifact_kind(source) == "converted":
+    from vfocal_jax import params_io  # pylint: disable=import-outside-toplevel
+    return params_io.load_params(source)
+  from vfocal_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  return checkpoints.load_params_from_workdir(source)[0]
+
+
+def merge_pretrained(params: Any, pretrained: Any) -> tuple[Any, list[str]]:
+  """Copies ``pretrained`` into ``params`` where paths and shapes agree.
+
+  Entries whose shape differs (a head for another class count) or that the
+  checkpoint lacks keep their fresh initialisation; their paths are returned.
+  """
+  flat = traverse_util.flatten_dict(params, sep="/")
+  src = traverse_util.flatten_dict(pretrained, sep="/")
+  kept = []
+  for key, value in flat.items():
+    if key in src and tuple(np.shape(src[key])) == tuple(value.shape):
+      flat[key] = jnp.asarray(src[key], value.dtype)
+    else:
+      kept.append(key)
+  return traverse_util.unflatten_dict(flat, sep="/"), kept
