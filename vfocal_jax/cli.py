@@ -38,7 +38,6 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 DEMO_CONFIG = os.path.join(CONFIG_DIR, "demo.py")
 COMMANDS = ("train", "eval", "convert", "summary", "predict", "visualize", "plan")
 EXIT_USER_ERROR = 2
-EXIT_PREDICTION_FAILED = 1
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory (or gs:// URL) for checkpoints, metrics and results.")
@@ -208,7 +207,7 @@ def main(argv: list[str]) -> None:
     message = str(e).strip() if not isinstance(e, KeyError) else f"missing key {e}"
     print(f"error: {message}" + ("" if isinstance(e, predict.PredictionFailed) else
                                  "  (--traceback shows where)"), file=sys.stderr)
-    sys.exit(EXIT_PREDICTION_FAILED if isinstance(e, predict.PredictionFailed) else EXIT_USER_ERROR)
+    sys.exit(predict.EXIT_STATUS_FAILED if isinstance(e, predict.PredictionFailed) else EXIT_USER_ERROR)
 
 
 def run() -> None:

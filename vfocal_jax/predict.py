@@ -33,6 +33,7 @@ __all__ = ["read_video_list", "read_class_names", "video_views", "make_predict_f
            "write_csv", "run", "PredictionFailed"]
 
 TOP_K = 5
+EXIT_STATUS_FAILED = 1  # `main.py predict` / `visualize` when any video could not be read.
 MAX_CLIPS_PER_CALL = 12  # Default batch: videos x views per jitted call.
 
 

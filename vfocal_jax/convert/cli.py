@@ -19,6 +19,7 @@ official recipe when none is given).
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -114,8 +115,11 @@ def resolve_model_kwargs(config: ml_collections.ConfigDict, variant: str | None,
              if not model_card._same(tuple(told[k]) if isinstance(told[k], list) else told[k], v)  # pylint: disable=protected-access
              and (variant is None or k in _VARIANT_KEYS)]
     if wrong:
-      fix = (f"--variant={variant_of(inferred)}" if variant_of(inferred) != "custom"
-             else "no --variant (the architecture is read from the weights)")
+      if variant:
+        fix = (f"--variant={variant_of(inferred)}" if variant_of(inferred) != "custom"
+               else "no --variant (the architecture is read from the weights)")
+      else:
+        fix = "a config of that architecture, or no --config (the architecture is read from the weights)"
       source = f"--variant={variant}" if variant else "--config.model"
       raise VariantMismatchError(f"{source} does not match the weights: {'; '.join(wrong)}. The weights are a "
                                  f"{what}({weights}): use {fix}.")
