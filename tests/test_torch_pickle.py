@@ -5,6 +5,7 @@ import pathlib
 import pickle
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -13,9 +14,9 @@ torch = pytest.importorskip("torch")
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import torch_video_focalnet as tvf  # noqa: E402
-from vfocal_jax.convert import torch_pickle  # noqa: E402
 from vfocal_jax.convert.torch_pickle import (  # noqa: E402
-    InertObject, UnsafeCheckpointError, load_torch_checkpoint, read_torch_file)
+    CheckpointFormatError, CheckpointLoadError, InertObject, UnsafeCheckpointError,
+    load_torch_checkpoint, read_torch_file)
 
 
 def _np(t: "torch.Tensor") -> np.ndarray:
@@ -178,21 +179,42 @@ def test_plain_pickle_refused_without_running(tmp_path):
   marker = tmp_path / "MARKER"
   path = tmp_path / "plain.pkl"
   path.write_bytes(pickle.dumps(_Shell(marker)))
-  with pytest.raises((UnsafeCheckpointError, ValueError)):
+  with pytest.raises(UnsafeCheckpointError, match="system"):
     load_torch_checkpoint(path)
   assert not marker.exists()
 
 
 def test_not_a_checkpoint(tmp_path):
   (tmp_path / "junk.pth").write_bytes(b"definitely not a pickle")
-  with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
+  with pytest.raises(CheckpointFormatError, match="not a PyTorch checkpoint"):
     load_torch_checkpoint(tmp_path / "junk.pth")
   torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "nosd.pth")
-  with pytest.raises(ValueError, match="no state dict"):
+  with pytest.raises(CheckpointFormatError, match="no state dict"):
     load_torch_checkpoint(tmp_path / "nosd.pth")
 
 
-def test_view_out_of_bounds_is_an_error():
-  storage = torch_pickle._Storage(np.arange(6, dtype=np.float32))  # pylint: disable=protected-access
-  with pytest.raises(pickle.UnpicklingError, match="reads element"):
-    torch_pickle._rebuild_tensor_v2(storage, 2, (3, 2), (2, 1))  # pylint: disable=protected-access
+def test_view_out_of_bounds_is_an_error(tmp_path):
+  path = tmp_path / "v.pth"
+  torch.save({"w": torch.arange(6.0)}, path)
+  with zipfile.ZipFile(path) as z:
+    members = [(i.filename, z.read(i)) for i in z.infolist()]
+  # size (6,) -> (7,): the view now reads one element past its storage.
+  members = [(n, d.replace(b"K\x06\x85", b"K\x07\x85", 1) if n.endswith("data.pkl") else d)
+             for n, d in members]
+  with zipfile.ZipFile(path, "w") as z:
+    for name, data in members:
+      z.writestr(name, data)
+  with pytest.raises(CheckpointFormatError, match="reads element 6 of a storage of 6") as info:
+    load_torch_checkpoint(path)
+  assert str(path) in str(info.value)
+
+
+def test_errors_name_the_file_and_are_value_errors(tmp_path):
+  path = tmp_path / "junk.pth"
+  path.write_bytes(b"\x80\x02" + b"(" * 10)
+  with pytest.raises(CheckpointLoadError) as info:
+    load_torch_checkpoint(path)
+  assert isinstance(info.value, ValueError) and isinstance(info.value, pickle.UnpicklingError)
+  assert str(info.value).startswith(f"{path}: ")
+  with pytest.raises(FileNotFoundError):
+    load_torch_checkpoint(tmp_path / "missing.pth")

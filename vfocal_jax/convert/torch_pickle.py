@@ -38,6 +38,7 @@ import logging
 import math
 import os
 import pickle
+import pickletools
 import re
 import struct
 import tarfile
@@ -864,10 +865,12 @@ _OPS: dict[int, Callable[["_Machine"], Any]] = {}
 _OP_NAMES: dict[int, str] = {}
 
 
+_OP_NAMES.update({op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes})
+
+
 def _op(code: bytes):
   def register(fn):
     _OPS[code[0]] = fn
-    _OP_NAMES[code[0]] = fn.__name__.lstrip("_").upper()
     return fn
   return register
 
@@ -887,29 +890,28 @@ class _Machine:
 
   def run(self) -> Any:
     src, ops, loader = self.src, _OPS, self.loader
+    byte = src.byte
     max_objects = loader.limits.max_objects
-    op = 0
-    at = src.tell()
+    op = -1
     try:
       while True:
-        at = src.tell()
-        op = src.byte()
+        op = byte()
         loader.objects += 1
         if loader.objects > max_objects:
           loader.charge_objects(0)
         fn = ops.get(op)
         if fn is None:
-          raise CheckpointFormatError(f"unknown pickle opcode 0x{op:02x} at byte {at:,}")
+          raise CheckpointFormatError(f"unknown pickle opcode 0x{op:02x} near byte {src.tell():,}")
         if fn(self) is _STOP:
           return self.result
     except _Truncated:
-      raise CheckpointFormatError(f"the pickle is truncated (at byte {at:,})") from None
+      raise CheckpointFormatError(f"the pickle is truncated (near byte {src.tell():,})") from None
     except CheckpointLoadError:
       raise
     except (IndexError, KeyError, TypeError, ValueError, AttributeError, struct.error,
             UnicodeError, OverflowError, EOFError) as e:
       raise CheckpointFormatError(
-          f"malformed pickle: {_OP_NAMES.get(op, hex(op))} at byte {at:,} failed "
+          f"malformed pickle: opcode {_OP_NAMES.get(op, op)} near byte {src.tell():,} failed "
           f"({type(e).__name__})") from None
 
   # Helpers.
