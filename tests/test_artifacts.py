@@ -19,6 +19,7 @@ from flax import traverse_util
 
 from multihost_worker import StreamIterator, tiny_config  # Also puts the repository root on sys.path.
 from benchmarks import torch_video_focalnet as tvf  # noqa: I001
+from reference_views import eval_views, write_ffv1
 from vfocal_jax import artifacts, checkpoints, evaluate, model_card, params_io, predict, train
 from vfocal_jax.configs import default, demo
 from vfocal_jax.convert import cli
@@ -26,34 +27,6 @@ from vfocal_jax.convert import cli
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FRAMES, SIZE, CLIPS, CROPS, INTERVAL = 4, 32, 2, 3, 4
 ARCH = dict(embed_dim=8, depths=(1, 1, 1, 1), focal_levels=(1, 1, 1, 1), num_classes=5)
-MEAN = np.array([123.675, 116.28, 103.53])
-STD = np.array([58.395, 57.12, 57.375])
-
-
-def _write_ffv1(path, frames):
-  import av
-  with av.open(str(path), "w") as container:
-    stream = container.add_stream("ffv1", rate=8)
-    stream.height, stream.width = frames.shape[1:3]
-    stream.pix_fmt = "bgr0"
-    for frame in frames:
-      for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-        container.mux(packet)
-    for packet in stream.encode():
-      container.mux(packet)
-
-
-def _reference_views(frames):
-  """Test views in NumPy: segment centres of CLIPS evenly spaced clips, 3 crops along the long side."""
-  n = len(frames)
-  avg = (n - INTERVAL + 1) / FRAMES
-  views = []
-  for k in range(CLIPS):
-    idx = [int(t * avg + avg * (k + 0.5) / CLIPS) % n for t in range(FRAMES)]
-    clip = frames[idx]  # (T, 32, 48, 3): the short side is already SIZE, so no resize.
-    for x0 in (0, (clip.shape[2] - SIZE) // 2, clip.shape[2] - SIZE):
-      views.append(clip[:, :, x0:x0 + SIZE])
-  return (np.stack(views).astype(np.float64) - MEAN) / STD
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +47,10 @@ def released(tmp_path_factory):
   converted = cli.run(config=config, pth=str(root / "released.pth"), output_dir=str(root / "converted"),
                       labels=str(labels), config_given=True)
   frames = np.random.default_rng(1).integers(0, 256, (11, SIZE, 48, 3)).astype(np.uint8)
-  _write_ffv1(root / "clip.mkv", frames)
+  write_ffv1(root / "clip.mkv", frames)
   with torch.no_grad():
-    views = torch.from_numpy(_reference_views(frames).transpose(0, 1, 4, 2, 3).astype(np.float32))
+    views = eval_views(frames, num_frames=FRAMES, size=SIZE, clips=CLIPS, crops=CROPS, interval=INTERVAL)
+    views = torch.from_numpy(views.transpose(0, 1, 4, 2, 3).astype(np.float32))
     probs = torch.softmax(tmodel(views).double(), -1).mean(0).numpy()
   return dict(root=root, converted=converted, video=str(root / "clip.mkv"), probs=probs, tmodel=tmodel)
 

@@ -1,6 +1,7 @@
 """Reading video files (local or ``gs://``) into frames with PyAV (FFmpeg)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -51,7 +52,9 @@ def decode_video_file(path: str | os.PathLike, *, short_side: int | None = None,
     raise VideoDecodeError(f"{path}: no such file")
   frames = []
   try:
-    with file.open("rb") as f, av.open(f) as container:
+    # Local files by name (FFmpeg then also probes the extension: a .txt opens as text, refused below).
+    with (contextlib.nullcontext(path) if "://" not in path else file.open("rb")) as source, \
+        av.open(source) as container:
       if container.format.name in NOT_VIDEO_FORMATS or not container.streams.video:
         raise VideoDecodeError(f"{path}: not a video (no video stream; FFmpeg reads it as "
                                f"{container.format.name!r})")
@@ -78,7 +81,7 @@ def decode_video_file(path: str | os.PathLike, *, short_side: int | None = None,
     raise
   except Exception as e:  # PyAV raises many FFmpeg error types (InvalidDataError, ...).
     if not frames:
-      raise VideoDecodeError(f"{path}: {type(e).__name__}: {e}") from e
+      raise VideoDecodeError(f"{path}: not a video FFmpeg can read ({type(e).__name__}: {e})") from e
     # A stream damaged near its end: keep the frames decoded so far.
   if not frames:
     raise VideoDecodeError(f"{path}: no decodable video frame")
