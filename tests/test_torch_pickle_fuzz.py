@@ -557,7 +557,9 @@ def build_corpus(directory: pathlib.Path) -> Corpus:
       "no_state_dict": _ckpt(_pkl(_sdict([("epoch", _i(3))]))),
   }
   for name, data in malformed.items():
-    c.add(name, data, {FORMAT, LIMIT}, fn="load", bare=True)
+    c.add(name, data, {FORMAT, LIMIT}, fn="load", bare=True,
+          **({"verify_crc": True} if name == "zip_crc_mismatch" else {}))
+  c.add("zip_crc_mismatch_unchecked", malformed["zip_crc_mismatch"], OK, fn="load")  # as torch
 
   # -- Code execution attempts: in the zip's pickle, and in each pickle of a legacy file.
   for name, body in _evil_calls(marker).items():
