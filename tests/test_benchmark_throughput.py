@@ -6,9 +6,6 @@ import pytest
 
 from benchmarks import throughput
 
-if not hasattr(pytest.importorskip("vfocal_jax.models"), "create_model"):
-  pytest.skip("vfocal_jax.models.create_model has not landed yet", allow_module_level=True)
-
 
 def test_throughput_tiny(tmp_path):
   out_json, out_csv = str(tmp_path / "t.json"), str(tmp_path / "t.csv")

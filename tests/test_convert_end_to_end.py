@@ -6,18 +6,15 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-safetensors_numpy = pytest.importorskip("safetensors.numpy")
+import torch
+from safetensors import numpy as safetensors_numpy
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-if not hasattr(pytest.importorskip("vfocal_jax.models"), "create_model"):
-  pytest.skip("vfocal_jax.models.create_model has not landed yet", allow_module_level=True)
 from benchmarks import torch_video_focalnet as tvf  # noqa: E402
-from vfocal_jax import params_io  # noqa: E402
+from vfocal_jax import artifacts, model_card, params_io  # noqa: E402
+from vfocal_jax.configs import default  # noqa: E402
 from vfocal_jax.convert import cli  # noqa: E402
 from vfocal_jax.convert import (  # noqa: E402
     CheckpointMismatchError, flax_to_torch, torch_to_flax)
@@ -66,7 +63,10 @@ def _named(message, torch_key):
 
 
 def _config():
-  return ml_collections.ConfigDict({"model": {"variant": "custom", "num_frames": FRAMES}})
+  """The official recipe at this test's clip size (the CLI's config when --config is not given)."""
+  config = default.get_config()
+  config.num_frames, config.image_size = FRAMES, SIZE
+  return config
 
 
 def _video(seed=0):
@@ -85,9 +85,11 @@ def test_pth_to_flax_logits_match_torch_and_back_bit_for_bit(tmp_path, tubelet, 
   _save_released_wrapper(tmodel, pth)
 
   cli.run(config=_config(), pth=str(pth), output_dir=str(tmp_path / "converted"))
-  params, kwargs = params_io.load_params(tmp_path / "converted")
-  assert kwargs["tubelet_size"] == tubelet and kwargs["num_frames"] == FRAMES
-  model = cli._create_model(kwargs)  # pylint: disable=protected-access
+  params = params_io.load_params(tmp_path / "converted")
+  card = model_card.read_card(tmp_path / "converted")
+  assert card.fields["model.tubelet_size"] == tubelet and card.fields["num_frames"] == FRAMES
+  assert card.fields["model.use_layerscale"] == layerscale and card.fields["model.embed_dim"] == ARCH["embed_dim"]
+  model = artifacts.load(None, checkpoint=str(tmp_path / "converted")).model
 
   video = _video()
   forward = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
@@ -98,7 +100,7 @@ def test_pth_to_flax_logits_match_torch_and_back_bit_for_bit(tmp_path, tubelet, 
 
   # Flax -> safetensors (through the CLI) gives back every tensor bit for bit.
   out = tmp_path / "back.safetensors"
-  cli.run(config=None, to_torch=str(out), checkpoint=str(tmp_path / "converted"))
+  cli.run(config=_config(), to_torch=str(out), checkpoint=str(tmp_path / "converted"))
   back = safetensors_numpy.load_file(str(out))
   ref = tmodel.state_dict()
   assert sorted(back) == sorted(ref)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-torch = pytest.importorskip("torch")
+import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import torch_video_focalnet as tvf  # noqa: E402
 from vfocal_jax.convert.mapping import (  # noqa: E402

@@ -2,13 +2,11 @@
 import pytest
 
 from vfocal_jax import summary
-if not hasattr(pytest.importorskip("vfocal_jax.models"), "create_model"):
-  pytest.skip("vfocal_jax.models.create_model has not landed yet", allow_module_level=True)
 
 
 def hand_macs(embed_dim, depths, focal_levels, focal_windows, num_frames, image_size,
               tubelet_size, num_classes, mlp_ratio=4.0, patch_size=4):
-  """Multiply-accumulates of one view, from the architecture (DESIGN.md §2), not the code.
+  """Multiply-accumulates of one view, from the architecture (docs/design.md), not the code.
 
   Per token of a stage with C channels and focal kernels k_l = 2 l + w:
   f: C(2C+L+1); depthwise k_l x k_l: C k_l^2 each; h: C^2; f_temporal: C(C+L+1);

@@ -110,7 +110,7 @@ def resolve_model_kwargs(config: ml_collections.ConfigDict, variant: str | None,
   told = {f: getattr(artifacts.build_model(ml_collections.ConfigDict({"model": base})), f) for f in inferred}
   what = f"Video-FocalNet-{variant_of(inferred)} " if variant_of(inferred) != "custom" else ""
   weights = ", ".join(f"{k}={v!r}" for k, v in inferred.items() if k in _VARIANT_KEYS + ("num_classes",))
-  if variant or config_given:
+  if (variant and variant != "custom") or (config_given and not variant):  # custom: whatever the weights are.
     wrong = [f"{k}={told[k]!r} (the weights have {v!r})" for k, v in inferred.items()
              if not model_card._same(tuple(told[k]) if isinstance(told[k], list) else told[k], v)  # pylint: disable=protected-access
              and (variant is None or k in _VARIANT_KEYS)]

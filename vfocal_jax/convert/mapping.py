@@ -4,7 +4,7 @@ The Flax tree mirrors the official module names, so each Flax path has exactly
 one torch key (`layers_0/blocks_1/modulation/focal_layers_0/kernel` <->
 `layers.0.blocks.1.modulation.focal_layers.0.0.weight`; the trailing `.0` is the
 conv inside the official `nn.Sequential(conv, GELU)`). Kernels are transposed,
-never reshaped (DESIGN.md §3).
+never reshaped (docs/design.md).
 """
 from __future__ import annotations
 

@@ -135,7 +135,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
 
   `kernel` has the Flax grouped-conv layout (*K, 1, C). 'shift' computes the
   sum over taps of shifted inputs times per-channel weights: fast on CPU, and
-  its kernel gradient stays right under any sharding (STACK.md).
+  its kernel gradient stays right under any sharding (docs/design.md).
   """
   spatial = kernel.shape[:-2]
   if impl == "xla":
