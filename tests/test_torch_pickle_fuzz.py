@@ -409,6 +409,10 @@ def build_corpus(directory: pathlib.Path) -> Corpus:
   c.add("binunicode_4GiB", _pkl(b"X" + struct.pack("<I", 2**32 - 1)), FORMAT)
   c.add("pickle_over_limit", _ckpt(_pkl(_u("x" * 5000))), LIMIT, max_pickle_bytes=1000)
   c.add("legacy_pickle_over_limit", _legacy(_pkl(_u("x" * 5000))), LIMIT, max_pickle_bytes=1000)
+  many = bytearray(_ckpt(_pkl(b"N"), extra=[(f"archive/x{k}", b"") for k in range(20)]))
+  eocd = many.rfind(b"PK\x05\x06")
+  struct.pack_into("<HH", many, eocd + 8, 2, 2)  # the trailer claims 2 entries, 24 are there
+  c.add("zip_directory_holds_more_than_trailer", bytes(many), FORMAT)
   c.add("zip_entries_over_limit", _ckpt(_pkl(b"N"), extra=[(f"archive/x{k}", b"") for k in
                                                           range(20)]), LIMIT, max_zip_entries=10)
   c.add("huge_repr_in_call", _pkl(_g("os", "system") + _t(_u("x" * 10**7)) + b"R"), UNSAFE)

@@ -1674,6 +1674,23 @@ class _ZipArchive:
           "(torch and Python's zipfile would read different archives)")
     if entries > limits.max_zip_entries or size_cd > 1024 * limits.max_zip_entries:
       raise _limit_error("max_zip_entries", limits.max_zip_entries, f"{entries:,} zip entries")
+    if not 0 <= offset_cd <= offset_cd + size_cd <= size:
+      raise CheckpointFormatError("zip central directory out of the file")
+    # Count the records before zipfile parses them (it reads all that fit in the directory).
+    f.seek(offset_cd)
+    directory, count, at = _read_exact(f, size_cd), 0, 0
+    while at < size_cd:
+      if directory[at:at + 4] != zipfile.stringCentralDir or at + 46 > size_cd:
+        raise CheckpointFormatError(f"malformed zip central directory (record {count})")
+      name_len, extra_len, comment_len = struct.unpack_from("<3H", directory, at + 28)
+      at += 46 + name_len + extra_len + comment_len
+      count += 1
+      if count > limits.max_zip_entries:
+        raise _limit_error("max_zip_entries", limits.max_zip_entries, "the zip entries")
+    del directory
+    if count != entries:
+      raise CheckpointFormatError(
+          f"the zip trailer counts {entries:,} entries, the central directory holds {count:,}")
     try:
       self.zf = zipfile.ZipFile(f)
     except Exception as e:  # noqa: BLE001 (zipfile raises many types on corrupt input)
