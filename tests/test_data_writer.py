@@ -21,7 +21,9 @@ def videos(tmp_path_factory):
     testing.write_video(str(root / f"v{vid}.mkv"), testing.numbered_frames(vid, n, 32, 48))
     lines.append(f"v{vid}.mkv,{NAMES[vid % 3]}\n")
   (root / "broken.mkv").write_bytes(os.urandom(2000))
+  (root / "notes.txt").write_text("Not a video: FFmpeg reads text files as ANSI art.\n" * 20)
   lines.insert(2, "broken.mkv,walk\n")
+  lines.insert(4, "notes.txt,jump\n")
   lines.append("missing.mkv,run\n")
   (root / "train.csv").write_text("".join(lines))
   return root
@@ -56,6 +58,8 @@ def test_decode_video_file_reads_every_frame_in_order(videos):
 def test_decode_video_file_raises_clearly(videos):
   with pytest.raises(VideoDecodeError, match="broken.mkv"):
     decode_video_file(videos / "broken.mkv")
+  with pytest.raises(VideoDecodeError, match="notes.txt: not a video"):
+    decode_video_file(videos / "notes.txt")
   with pytest.raises(VideoDecodeError, match="no such file"):
     decode_video_file(videos / "missing.mkv")
 
@@ -75,10 +79,11 @@ def test_writer_roundtrip_labels_report_and_resume(videos, tmp_path):
     np.testing.assert_array_equal(testing.video_number(frames.astype(float)), vid)
   assert (out / "labels.txt").read_text().split() == sorted_names
   on_disk = json.loads((out / "dataset_info.json").read_text())
-  assert on_disk == info and info["num_examples"] == 5 and info["num_failed"] == 2
+  assert on_disk == info and info["num_examples"] == 5 and info["num_failed"] == 3
   assert sum(info["shards"].values()) == 5 and len(info["shards"]) == 3
-  report = (out / "failed_videos.txt").read_text().splitlines()
-  assert sorted(line.split("\t")[0] for line in report) == ["broken.mkv", "missing.mkv"]
+  report = dict(line.split("\t", 1) for line in (out / "failed_videos.txt").read_text().splitlines())
+  assert sorted(report) == ["broken.mkv", "missing.mkv", "notes.txt"]
+  assert "not a video" in report["notes.txt"] and "no such file" in report["missing.mkv"]
 
   # Resume: only the missing shard is written again.
   shard1 = out / make_shards.shard_name(1, 3)

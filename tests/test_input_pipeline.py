@@ -360,12 +360,35 @@ def test_host_splits_are_disjoint_and_complete():
 def test_eval_views_from_frames_matches_the_pipeline(shards):
   cfg = plain_cfg(shards)
   frames = testing.numbered_frames(2, LENGTHS[2], 32, 48)
-  views = ip.eval_views_from_frames(frames, num_frames=T, image_size=S, num_clips=2, num_crops=3,
-                                    data_cfg=cfg)
-  assert views.shape == (6, T, S, S, 3) and views.dtype == np.float32
+  views, affine = ip.eval_views_from_frames(frames, num_frames=T, image_size=S, num_clips=2, num_crops=3,
+                                            data_cfg=cfg)
+  assert views.shape == (6, T, S, S, 3) and views.dtype == np.uint8 and affine.shape == (5, 3)
   ev = ip.create_eval_iterator(cfg, batch_size=16, num_frames=T, image_size=S, num_clips=2, num_crops=3)
   batch = next(iter(ev))
   row = [i for i, v in enumerate(batch["video"]) if batch["mask"][i]
-         and testing.video_number(v[0])[0] == 2][0]
-  # Same transform; the pipeline's frames went through JPEG, these did not.
-  np.testing.assert_allclose(unnormalise(views), pixels(batch)[row], atol=4)
+         and testing.video_number(v[0].astype(np.float64))[0] == 2][0]
+  # Same transform and normalisation; the pipeline's frames went through JPEG, these did not.
+  np.testing.assert_allclose(views.astype(np.float64), batch["video"][row].astype(np.float64), atol=4)
+  np.testing.assert_allclose(affine, batch["pixel_affine"][row], rtol=1e-6)
+
+
+def test_shard_specs_directory_glob_list_and_label_map(shards, tmp_path, monkeypatch):
+  """A directory, a glob and a comma list name the same files; dataset_info.json and labels.txt are read."""
+  import os
+  files = sources.list_shards(shards)
+  assert len(files) == 3 and all(f.endswith(".tfrecord") for f in files)   # not the <shard>.json beside them
+  assert sources.list_shards(shards + "/shard-*") == files
+  assert sources.list_shards(f"{files[0]}, {shards}/shard-0000[12]*") == files
+  monkeypatch.setenv("HOME", os.path.dirname(shards))
+  assert sources.list_shards("~/" + os.path.basename(shards)) == files
+  with pytest.raises(FileNotFoundError, match="nothing-here"):
+    sources.list_shards(shards + "/nothing-here*")
+  shard_set = sources.load_shard_set(shards)
+  assert shard_set.num_examples == len(LENGTHS) and shard_set.num_classes == 4
+  names = tmp_path / "names.txt"
+  names.write_text("a\nb\nc\nd\ne\n")
+  cfg = plain_cfg(shards, label_map=str(names))
+  info = ip.get_dataset_info(cfg, "eval")
+  assert info.label_names == tuple("abcde") and info.num_classes == 5 and info.num_examples == len(LENGTHS)
+  with pytest.raises(FileNotFoundError, match="Label map"):
+    sources.load_shard_set(shards, str(tmp_path / "missing.txt"))

@@ -1,4 +1,4 @@
-"""Bad records are skipped, counted and reported; the pipelines finish."""
+"""Bad records are skipped, counted and reported; the pipelines finish. Out-of-range labels stop them."""
 import json
 import os
 
@@ -9,10 +9,10 @@ import tensorflow as tf
 from vfocal_jax.data import testing
 from vfocal_jax import input_pipeline as ip
 from vfocal_jax.configs import data as data_config
-from vfocal_jax.input_pipeline import shard_format
+from vfocal_jax.input_pipeline import pipeline, shard_format
 
 GOOD = {0, 4, 5, 6}
-NUM_BAD = 5
+NUM_BAD = 4
 
 
 def _record(vid, n=6, label=None, jpegs=None):
@@ -24,12 +24,11 @@ def _record(vid, n=6, label=None, jpegs=None):
 
 @pytest.fixture(scope="module")
 def bad_shards(tmp_path_factory):
-  """shard 0: good, garbage, label 99, corrupt JPEGs, no frames, good; shard 1: 3 good, truncated."""
+  """shard 0: good, garbage, corrupt JPEGs, no frames, good; shard 1: 3 good, truncated."""
   root = tmp_path_factory.mktemp("bad")
   good_jpeg = tf.io.encode_jpeg(testing.numbered_frames(2, 1, 32, 40)[0]).numpy()
   corrupt = good_jpeg[:40] + b"\x00" * 200 + good_jpeg[-40:]
-  shard0 = [_record(0), os.urandom(300), _record(1, label=99), _record(2, jpegs=[corrupt] * 4),
-            _record(3, jpegs=[]), _record(4)]
+  shard0 = [_record(0), os.urandom(300), _record(2, jpegs=[corrupt] * 4), _record(3, jpegs=[]), _record(4)]
   shard1 = [_record(5), _record(6), _record(7)]
   for name, records in (("shard-00000-of-00002.tfrecord", shard0), ("shard-00001-of-00002.tfrecord", shard1)):
     with tf.io.TFRecordWriter(str(root / name)) as w:
@@ -37,8 +36,8 @@ def bad_shards(tmp_path_factory):
         w.write(r)
   path1 = root / "shard-00001-of-00002.tfrecord"
   os.truncate(path1, os.path.getsize(path1) - 100)        # the last record is cut short
-  info = {"num_examples": 9, "num_classes": 4, "label_names": None,
-          "shards": {"shard-00000-of-00002.tfrecord": 6, "shard-00001-of-00002.tfrecord": 3}}
+  info = {"num_examples": 8, "num_classes": 4, "label_names": None,
+          "shards": {"shard-00000-of-00002.tfrecord": 5, "shard-00001-of-00002.tfrecord": 3}}
   (root / "dataset_info.json").write_text(json.dumps(info))
   return root
 
@@ -95,3 +94,38 @@ def test_without_dataset_info_counts_by_reading(bad_shards, tmp_path):
   assert sorted(ids) == sorted(GOOD)
   # The truncated tail cannot be known without the per-shard counts; the rest is counted.
   assert max(int(b["num_skipped"]) for b in batches) == NUM_BAD - 1
+
+
+@pytest.fixture(scope="module")
+def label_shards(tmp_path_factory):
+  """Two shards of good records; the second holds one with label 9 (of 4 classes)."""
+  root = tmp_path_factory.mktemp("labels")
+  for name, records in (("a.tfrecord", [_record(0), _record(1)]),
+                        ("b.tfrecord", [_record(2), _record(5, label=9), _record(3)])):
+    with tf.io.TFRecordWriter(str(root / name)) as w:
+      for r in records:
+        w.write(r)
+  return root
+
+
+@pytest.mark.parametrize("num_classes,bad", [(4, "label 9, outside [0, 4)"), (12, None)])
+def test_train_refuses_a_label_outside_the_classes(label_shards, num_classes, bad):
+  cfg = _cfg(label_shards)
+  cfg.num_classes = num_classes
+  it = ip.create_train_iterator(cfg, batch_size=2, seed=0, num_frames=2, image_size=32)
+  if bad is None:   # the same data with enough classes trains
+    assert all(int(next(it)["num_skipped"]) == 0 for _ in range(5))
+    return
+  with pytest.raises(pipeline.LabelOutOfRangeError) as info:
+    for _ in range(5):                  # 10 clips: a pass over the 5 records and more
+      next(it)
+  message = str(info.value)
+  assert str(label_shards / "b.tfrecord") in message and bad in message
+  assert "data.num_classes" in message and "model.num_classes" in message
+
+
+def test_eval_refuses_a_label_outside_the_classes(label_shards):
+  cfg = _cfg(label_shards)
+  cfg.num_classes = 4
+  with pytest.raises(ValueError, match=r"b\.tfrecord: a record has label 9, outside \[0, 4\)"):
+    list(ip.create_eval_iterator(cfg, batch_size=2, num_frames=2, image_size=32, num_clips=1, num_crops=1))

@@ -8,11 +8,17 @@ Each video is decoded with PyAV (FFmpeg), resized so its short side has
 `--short_side` pixels, JPEG-encoded frame by frame and written as one
 `tf.train.SequenceExample` (format: `vfocal_jax/input_pipeline/shard_format.py`).
 
+* Every path may be a local path or a ``gs://`` URL: the CSV, `--video_root`
+  and the videos (read through etils.epath), `--label_map`, and `--output_dir`
+  (shards, `labels.txt`, `dataset_info.json`, `failed_videos.txt`, all
+  written with `tf.io`).
+
 * Labels: integers are used as they are; names are mapped to indices in
   sorted order and the map is written as `labels.txt` beside the shards. Pass
   that file with `--label_map` when writing another split so both agree.
-* A video that cannot be read (or has an unknown label) is listed with the
-  reason in `failed_videos.txt`; the run goes on and says how many failed.
+* A video that cannot be read (missing, corrupt, not a video at all, e.g. a
+  text file, or with an unknown label) is listed with the reason in
+  `failed_videos.txt` and not written; the run goes on and says how many failed.
 * Re-running resumes: a shard is written to a temporary name and renamed when
   complete, so finished shards are kept and only missing ones are written
   (a shard whose videos or settings changed is written again).
@@ -33,8 +39,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TensorFlow is imported.
-# Runs as `python -m data.make_shards` from the repository root.
-from vfocal_jax.input_pipeline import shard_format  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from vfocal_jax.input_pipeline import shard_format, sources  # noqa: E402
 
 REPORT_FILENAME = "failed_videos.txt"
 
@@ -54,24 +61,22 @@ def read_csv(csv_path: str) -> list[tuple[str, str]]:
   A first line whose label is literally `label` is treated as a header.
   """
   rows = []
-  with open(csv_path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      line = line.strip()
-      if not line or line.startswith("#"):
-        continue
-      if "," not in line:
-        raise ValueError(f"{csv_path}:{line_no}: expected 'path,label', got {line!r}")
-      path, label = line.rsplit(",", 1)
-      if line_no == 1 and label.strip().lower() == "label":
-        continue
-      rows.append((path.strip(), label.strip()))
+  for line_no, line in enumerate(sources.read_text(sources.expand(csv_path)).splitlines(), 1):
+    line = line.strip()
+    if not line or line.startswith("#"):
+      continue
+    if "," not in line:
+      raise ValueError(f"{csv_path}:{line_no}: expected 'path,label', got {line!r}")
+    path, label = line.rsplit(",", 1)
+    if line_no == 1 and label.strip().lower() == "label":
+      continue
+    rows.append((path.strip(), label.strip()))
   return rows
 
 
 def load_label_map(path: str) -> list[str]:
   """Class names, one per line (line i is class i)."""
-  with open(path, encoding="utf-8") as f:
-    return [line.rstrip("\n") for line in f if line.strip()]
+  return sources.read_lines(sources.expand(path))
 
 
 def build_label_names(labels: Sequence[str]) -> list[str] | None:
@@ -91,11 +96,15 @@ def _is_int(text: str) -> bool:
 
 def resolve_entries(rows: Sequence[tuple[str, str]], video_root: str | None,
                     label_names: list[str] | None) -> list[VideoEntry]:
-  """Maps each CSV row to a class index (-1 if the label is not in the map)."""
+  """Maps each CSV row to a class index (-1 if the label is not in the map).
+
+  Paths are taken relative to `video_root` (local or ``gs://``) unless absolute or URLs.
+  """
   index = {name: i for i, name in enumerate(label_names or [])}
   entries = []
   for path, label in rows:
-    full = path if (os.path.isabs(path) or not video_root) else os.path.join(video_root, path)
+    absolute = os.path.isabs(path) or sources.is_url(path)
+    full = path if (absolute or not video_root) else sources.join(sources.expand(video_root), path)
     if _is_int(label):
       i = int(label)
       text = label_names[i] if label_names and 0 <= i < len(label_names) else None
@@ -127,20 +136,19 @@ def assign_shards(entries: Sequence[VideoEntry], num_shards: int, seed: int) -> 
 
 
 def _encode_jpegs(frames: np.ndarray, quality: int) -> list[bytes]:
-  import tensorflow as tf
   return [tf.io.encode_jpeg(f, quality=quality).numpy() for f in frames]
 
 
 def write_shard(output_path: str, entries: Sequence[VideoEntry], *, short_side: int | None,
                 max_fps: float | None, jpeg_quality: int, fingerprint: str = "",
                 decode_fn: Callable[..., np.ndarray] | None = None) -> dict:
-  """Writes one shard atomically; returns its stats (count, failed videos).
+  """Writes one shard (local or ``gs://``) under a temporary name, then renames it; returns its stats.
 
-  The stats are also written beside the shard as `<shard>.json`; a shard is
-  complete when that file exists.
+  The stats (count, frames, failed videos) are also written beside the shard
+  as `<shard>.json`; a shard is complete when that file exists. A video
+  that cannot be decoded (VideoDecodeError: missing, corrupt, not a video)
+  is listed in the stats and not written.
   """
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
   from vfocal_jax.input_pipeline.video_io import VideoDecodeError, decode_video_file
   decode_fn = decode_fn or decode_video_file
@@ -166,12 +174,10 @@ def write_shard(output_path: str, entries: Sequence[VideoEntry], *, short_side: 
       writer.write(example.SerializeToString())
       count += 1
       num_frames += len(frames)
-  stats = {"shard": os.path.basename(output_path), "num_examples": count,
+  stats = {"shard": sources.basename(output_path), "num_examples": count,
            "num_frames": num_frames, "failed": failed, "fingerprint": fingerprint}
-  os.replace(tmp_path, output_path)
-  with open(output_path + ".json.tmp", "w") as f:
-    json.dump(stats, f)
-  os.replace(output_path + ".json.tmp", output_path + ".json")
+  tf.io.gfile.rename(tmp_path, output_path, overwrite=True)
+  sources.write_text(output_path + ".json", json.dumps(stats))
   return stats
 
 
@@ -184,9 +190,8 @@ def _fingerprint(entries: Sequence[VideoEntry], settings: dict) -> str:
 
 def _read_json(path: str) -> dict | None:
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, ValueError):
+    return json.loads(sources.read_text(path))
+  except (OSError, ValueError, tf.errors.OpError):
     return None
 
 
@@ -204,7 +209,7 @@ def make_shards(csv: str, output_dir: str, num_shards: int, *, video_root: str |
   Args:
     csv: `path,label` per line (label: integer index or class name).
     output_dir: where shards, `labels.txt`, `dataset_info.json` and
-      `failed_videos.txt` go.
+      `failed_videos.txt` go (local or ``gs://``; so may the other paths be).
     num_shards: number of TFRecord files (use at least the number of hosts
       that will read the split; more spreads the reading better).
     video_root: directory the CSV paths are relative to.
@@ -217,24 +222,25 @@ def make_shards(csv: str, output_dir: str, num_shards: int, *, video_root: str |
     shuffle_seed: seed of the video -> shard assignment.
     progress: show a progress bar.
   """
-  os.makedirs(output_dir, exist_ok=True)
+  output_dir = sources.expand(output_dir)
+  tf.io.gfile.makedirs(output_dir)
   rows = read_csv(csv)
   if label_map:
     label_names = load_label_map(label_map)
   else:
     label_names = build_label_names([label for _, label in rows])
   if label_names is not None:
-    with open(os.path.join(output_dir, shard_format.LABELS_FILENAME), "w", encoding="utf-8") as f:
-      f.write("".join(name + "\n" for name in label_names))
+    sources.write_text(sources.join(output_dir, shard_format.LABELS_FILENAME),
+                       "".join(name + "\n" for name in label_names))
   entries = resolve_entries(rows, video_root, label_names)
   shards = assign_shards(entries, num_shards, shuffle_seed)
   kwargs = dict(short_side=short_side, max_fps=max_fps, jpeg_quality=jpeg_quality)
 
   jobs, stats = [], {}
   for i, shard_entries in enumerate(shards):
-    path = os.path.join(output_dir, shard_name(i, num_shards))
+    path = sources.join(output_dir, shard_name(i, num_shards))
     fingerprint = _fingerprint(shard_entries, kwargs)
-    done = _read_json(path + ".json") if os.path.exists(path) else None
+    done = _read_json(path + ".json") if tf.io.gfile.exists(path) else None
     if done is not None and done.get("fingerprint") == fingerprint:
       stats[i] = done  # Finished by an earlier run with the same videos and settings: keep it.
     else:
@@ -257,8 +263,8 @@ def make_shards(csv: str, output_dir: str, num_shards: int, *, video_root: str |
   bar.close()
 
   failed = [tuple(x) for i in sorted(stats) for x in stats[i]["failed"]]
-  with open(os.path.join(output_dir, REPORT_FILENAME), "w", encoding="utf-8") as f:
-    f.write("".join(f"{path}\t{reason}\n" for path, reason in failed))
+  sources.write_text(sources.join(output_dir, REPORT_FILENAME),
+                     "".join(f"{path}\t{reason}\n" for path, reason in failed))
   num_examples = sum(s["num_examples"] for s in stats.values())
   max_label = max((e.label for e in entries), default=-1)
   info = {
@@ -271,10 +277,9 @@ def make_shards(csv: str, output_dir: str, num_shards: int, *, video_root: str |
       "short_side": short_side,
       "max_fps": max_fps,
       "jpeg_quality": jpeg_quality,
-      "source_csv": os.path.abspath(csv),
+      "source_csv": csv if sources.is_url(csv) else os.path.abspath(os.path.expanduser(csv)),
   }
-  with open(os.path.join(output_dir, shard_format.INFO_FILENAME), "w", encoding="utf-8") as f:
-    json.dump(info, f, indent=1)
+  sources.write_text(sources.join(output_dir, shard_format.INFO_FILENAME), json.dumps(info, indent=1))
   message = (f"{output_dir}: wrote {num_examples} videos in {num_shards} shards; "
              f"{len(failed)} could not be read (listed in {REPORT_FILENAME})")
   print(message, file=sys.stderr)

@@ -11,7 +11,8 @@ Then train with `config.data.source = 'tfds'`, `tfds_name = 'video_csv'`,
 data_dir without importing this module). Frames are stored as JPEG in a
 `tfds.features.Video`, labels as a `ClassLabel` (names sorted, as
 `make_shards` does), plus the file name. Videos that cannot be decoded are
-logged and left out.
+logged and left out. The CSVs, the video root and `data_dir` may be local
+paths or ``gs://`` URLs.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from vfocal_jax.data import make_shards
+from vfocal_jax.input_pipeline import sources
 from vfocal_jax.input_pipeline.video_io import VideoDecodeError, decode_video_file
 
 
@@ -71,12 +73,12 @@ class VideoCsv(tfds.core.GeneratorBasedBuilder):
   @classmethod
   def _prepared_label_names(cls, data_dir: str | None) -> list[str] | None:
     """Class names of an already prepared copy (loading by class without the CSVs)."""
-    data_dir = os.path.expanduser(data_dir or os.path.join("~", "tensorflow_datasets"))
-    path = os.path.join(data_dir, cls.name, str(cls.VERSION), "label.labels.txt")
-    if not os.path.exists(path):
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    data_dir = sources.expand(data_dir or os.path.join("~", "tensorflow_datasets"))
+    path = sources.join(data_dir, cls.name, str(cls.VERSION), "label.labels.txt")
+    if not tf.io.gfile.exists(path):
       return None
-    with open(path, encoding="utf-8") as f:
-      return [line.rstrip("\n") for line in f if line.strip()]
+    return sources.read_lines(path)
 
   def _info(self) -> tfds.core.DatasetInfo:
     label = (tfds.features.ClassLabel(names=self._label_names) if self._label_names
@@ -112,7 +114,7 @@ class VideoCsv(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare(data_dir: str, splits: dict[str, str], video_root: str, **kwargs) -> str:
-  """Builds the dataset into data_dir; returns the prepared dataset's directory."""
-  builder = VideoCsv(data_dir=os.path.expanduser(data_dir), splits=splits, video_root=video_root, **kwargs)
+  """Builds the dataset into data_dir (local or ``gs://``); returns the prepared dataset's directory."""
+  builder = VideoCsv(data_dir=sources.expand(data_dir), splits=splits, video_root=video_root, **kwargs)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return str(builder.data_dir)

@@ -8,17 +8,66 @@ Both sources yield "raw" elements, dicts of
   `missing`  > 0 only on a per-file end marker: records of that shard that
              could not be read (truncated / corrupt file), counted as skipped,
   `is_end`   whether this element is such an end marker.
+
+Every path here may be a local path or a URL (``gs://bucket/...``): files are
+listed, tested and read with `tf.io.gfile` (TensorFlow's file systems, the
+ones tf.data reads the records with), never with os.path / glob / open.
 """
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 
 import tensorflow as tf
 
 from vfocal_jax.input_pipeline import shard_format
+
+
+def is_url(path: str) -> bool:
+  """Whether `path` names a file system by scheme (``gs://``, ...) rather than a local file."""
+  return "://" in path
+
+
+def expand(path: str) -> str:
+  """`~` expanded in local paths; URLs as they are."""
+  return path if is_url(path) else os.path.expanduser(path)
+
+
+def join(path: str, *parts: str) -> str:
+  """Path joining that keeps URLs URLs (`/` separators)."""
+  return tf.io.gfile.join(path, *parts)
+
+
+def parent(path: str) -> str:
+  """The directory of a file (local path or URL)."""
+  path = path.rstrip("/")
+  if is_url(path):
+    head, _, _ = path.rpartition("/")
+    return head if "://" in head else path   # gs://bucket has no parent
+  return os.path.dirname(path)
+
+
+def basename(path: str) -> str:
+  return path.rstrip("/").rpartition("/")[2] if is_url(path) else os.path.basename(path)
+
+
+def read_text(path: str) -> str:
+  with tf.io.gfile.GFile(path, "r") as f:
+    return f.read()
+
+
+def read_lines(path: str) -> list[str]:
+  """Non-blank lines without their line ends (label maps)."""
+  return [line.rstrip("\r\n") for line in read_text(path).splitlines() if line.strip()]
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes a small file whole (to a temporary name first, so readers never see half of it)."""
+  tmp = path + ".tmp"
+  with tf.io.gfile.GFile(tmp, "w") as f:
+    f.write(text)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,19 +84,19 @@ class ShardSet:
 
 
 def list_shards(spec: str) -> list[str]:
-  """Expands a directory / glob / comma-separated list into sorted shard files."""
+  """Expands a directory / glob / comma-separated list (local or ``gs://``) into sorted shard files."""
   if not spec:
     raise ValueError("No shards given (set config.data.train_shards / eval_shards).")
   files: list[str] = []
-  for part in (p.strip() for p in spec.split(",")):
+  for part in (expand(p.strip()) for p in spec.split(",")):
     if not part:
       continue
-    if os.path.isdir(part):
-      found = glob.glob(os.path.join(part, "*.tfrecord*"))
-    elif any(ch in part for ch in "*?["):
-      found = glob.glob(part)
+    if any(ch in part for ch in "*?["):
+      found = tf.io.gfile.glob(part)
+    elif tf.io.gfile.isdir(part):
+      found = tf.io.gfile.glob(join(part, "*.tfrecord*"))
     else:
-      found = [part] if os.path.exists(part) else []
+      found = [part] if tf.io.gfile.exists(part) else []
     found = [f for f in found if not f.endswith((".json", ".tmp"))]
     if not found:
       raise FileNotFoundError(f"No shard files match {part!r}.")
@@ -56,29 +105,27 @@ def list_shards(spec: str) -> list[str]:
 
 
 def load_shard_set(spec: str, label_map: str = "") -> ShardSet:
-  """Lists the shards and reads dataset_info.json / labels.txt beside them."""
+  """Lists the shards and reads dataset_info.json / labels.txt beside them (or `label_map`)."""
   files = list_shards(spec)
   counts = num_classes = label_names = None
   infos = {}
-  for directory in sorted({os.path.dirname(f) for f in files}):
-    path = os.path.join(directory, shard_format.INFO_FILENAME)
-    if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        infos[directory] = json.load(f)
+  for directory in sorted({parent(f) for f in files}):
+    path = join(directory, shard_format.INFO_FILENAME)
+    if tf.io.gfile.exists(path):
+      infos[directory] = json.loads(read_text(path))
   per_file = {}
   for directory, info in infos.items():
     for name, n in info.get("shards", {}).items():
-      per_file[os.path.join(directory, name)] = int(n)
+      per_file[join(directory, name)] = int(n)
   if files and all(f in per_file for f in files):
     counts = tuple(per_file[f] for f in files)
   if infos:
     first = next(iter(infos.values()))
     num_classes = first.get("num_classes")
     label_names = tuple(first["label_names"]) if first.get("label_names") else None
-  label_file = label_map or os.path.join(os.path.dirname(files[0]), shard_format.LABELS_FILENAME)
-  if os.path.exists(label_file):
-    with open(label_file, encoding="utf-8") as f:
-      label_names = tuple(line.rstrip("\n") for line in f if line.strip())
+  label_file = expand(label_map) if label_map else join(parent(files[0]), shard_format.LABELS_FILENAME)
+  if tf.io.gfile.exists(label_file):
+    label_names = tuple(read_lines(label_file))
     num_classes = len(label_names)
   elif label_map:
     raise FileNotFoundError(f"Label map {label_map!r} not found.")
@@ -163,19 +210,21 @@ def raw_shard_dataset(split: HostSplit, *, shuffle_files: bool, repeat: bool, se
 def tfds_builder(name: str, data_dir: str = ""):
   """A tfds builder by catalog name (or a locally prepared dataset's name).
 
-  A copy prepared under `data_dir` is opened from its files (features,
+  A copy prepared under `data_dir` (local or ``gs://``) is opened from its files (features,
   class names, split sizes all from disk), so the builder's code is not
   needed; otherwise the catalog builder is used (nothing is downloaded:
   as_dataset only reads prepared files).
   """
   import tensorflow_datasets as tfds
+  data_dir = expand(data_dir) if data_dir else ""
   if data_dir and ":" not in name and "/" not in name:
-    root = os.path.join(os.path.expanduser(data_dir), name)
-    versions = sorted((d for d in (os.listdir(root) if os.path.isdir(root) else [])
-                       if os.path.exists(os.path.join(root, d, "dataset_info.json"))),
+    root = join(data_dir, name)
+    found = tf.io.gfile.listdir(root) if tf.io.gfile.isdir(root) else []
+    versions = sorted((d.rstrip("/") for d in found
+                       if tf.io.gfile.exists(join(root, d.rstrip("/"), "dataset_info.json"))),
                       key=lambda v: tuple(int(x) for x in v.split(".") if x.isdigit()))
     if versions:
-      return tfds.builder_from_directory(os.path.join(root, versions[-1]))
+      return tfds.builder_from_directory(join(root, versions[-1]))
   return tfds.builder(name, data_dir=data_dir or None)
 
 
