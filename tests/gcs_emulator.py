@@ -17,9 +17,14 @@ Pieces (all on the loopback interface, nothing leaves the machine):
   uses https://storage.googleapis.com by default; both go through libcurl,
   which honours `https_proxy`. The proxy accepts CONNECT for those two host
   names only (anything else gets 403), terminates TLS with the test
-  certificate and forwards each request to the emulator over TLS. It drops
-  one header: TensorFlow sends `Transfer-Encoding: identity` on the empty POST
-  that starts a resumable upload, which Go's HTTP server refuses (501).
+  certificate and forwards each request to the emulator over TLS. Two
+  differences between fake-gcs-server and Cloud Storage are bridged there:
+  TensorFlow sends `Transfer-Encoding: identity` on the empty POST that
+  starts a resumable upload, which Go's HTTP server refuses (501): the
+  header is dropped; and the bucket's `storageLayout` (which TensorFlow asks
+  for before renaming a directory) is not served by the emulator: the proxy
+  answers it as Cloud Storage does for a bucket without hierarchical
+  namespace, so directories are renamed object by object.
 
 The environment of a client process (`env()`):
   https_proxy / http_proxy    the proxy (plain-http requests are refused there,
@@ -130,7 +135,7 @@ class _ConnectProxy:
       await writer.start_tls(self.server_ctx)
       up_reader, upstream = await asyncio.open_connection(
           "127.0.0.1", self.upstream_port, ssl=self.client_ctx, server_hostname=host)
-      requests = asyncio.ensure_future(self._requests(reader, upstream))
+      requests = asyncio.ensure_future(self._requests(reader, upstream, writer))
       responses = asyncio.ensure_future(self._copy(up_reader, writer))
       _, pending = await asyncio.wait([requests, responses], return_when=asyncio.FIRST_COMPLETED)
       for task in pending:
@@ -151,14 +156,38 @@ class _ConnectProxy:
       await writer.drain()
 
   @staticmethod
-  async def _requests(reader: asyncio.StreamReader, upstream: asyncio.StreamWriter) -> None:
-    """Forwards requests one by one (framed by Content-Length or chunks), minus `Transfer-Encoding: identity`."""
+  def _storage_layout(request_line: bytes) -> bytes | None:
+    """The response to `GET /storage/v1/b/BUCKET/storageLayout` (a flat bucket), None for other requests."""
+    parts = request_line.split(b" ")
+    path = parts[1].split(b"?")[0] if len(parts) == 3 else b""
+    segments = path.split(b"/")
+    if parts[0] != b"GET" or len(segments) != 6 or segments[:4] != [b"", b"storage", b"v1", b"b"] \
+        or segments[5] != b"storageLayout":
+      return None
+    body = json.dumps({"kind": "storage#storageLayout", "bucket": segments[4].decode(), "location": "US-CENTRAL1",
+                       "locationType": "region", "hierarchicalNamespace": {"enabled": False}}).encode()
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=UTF-8\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)) + body
+
+  async def _requests(self, reader: asyncio.StreamReader, upstream: asyncio.StreamWriter,
+                      client: asyncio.StreamWriter) -> None:
+    """Forwards requests one by one (framed by Content-Length or chunks), minus `Transfer-Encoding: identity`.
+
+    curl sends the next request on a connection only after the previous
+    response, so an answer written here (`storageLayout`) cannot interleave
+    with one from the emulator.
+    """
     while True:
       try:
         head = await reader.readuntil(b"\r\n\r\n")
       except asyncio.IncompleteReadError:
         return
       lines = head[:-4].split(b"\r\n")
+      answer = self._storage_layout(lines[0])
+      if answer is not None:    # (a GET: no body to read)
+        client.write(answer)
+        await client.drain()
+        continue
       kept, length, chunked = [lines[0]], 0, False
       for header in lines[1:]:
         name, _, value = header.partition(b":")
@@ -230,7 +259,7 @@ class GcsEmulator:
            "-cert-location", cert_file, "-private-key-location", key_file, "-backend", "memory",
            # Upload session URLs (Location headers) must go back through the proxy.
            "-external-url", "https://www.googleapis.com", "-public-host", "storage.googleapis.com",
-           "-log-level", "warn"],
+           "-log-level", os.environ.get("GCS_EMULATOR_LOG_LEVEL", "warn")],
           stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
       log.close()
       if self._wait_ready(20.0):
