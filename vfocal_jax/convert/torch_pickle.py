@@ -36,6 +36,7 @@ import collections
 import itertools
 import logging
 import math
+import mmap
 import os
 import pickle
 import pickletools
@@ -1591,13 +1592,24 @@ def _materialize(t: _PendingTensor, raw: np.ndarray) -> np.ndarray:
   return np.array(view, copy=True, order="C")
 
 
+def _arena(nbytes: int) -> np.ndarray:
+  """One private anonymous mapping for the storages (writable; unmapped with its last view).
+
+  Not `np.empty`: NumPy asks for transparent huge pages on large arrays, and on a
+  busy host the kernel's compaction for them made loads several times slower.
+  """
+  if nbytes and hasattr(mmap, "MAP_PRIVATE"):
+    return np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), np.uint8)
+  return np.empty(nbytes, np.uint8)
+
+
 def _finish(loader: _Load, root: Any, read_storages: Callable[[list, Callable], Any]) -> Any:
   """Checks the object graph, reads the storages it needs, materialises the placeholders.
 
-  Storages that some tensor uses whole (the usual case) are read into one arena,
-  which large-page backing makes cheap to fault in, and the tensors are views of
-  it; storages used only through partial or strided views go to a scratch
-  buffer and the views are copied out.
+  Storages that some tensor uses whole (the usual case) are read into one arena
+  and those tensors are views of it (one allocation, as torch.load's tensors
+  share their storages); storages used only through partial or strided views
+  go to a scratch buffer and the views are copied out.
   """
   if loader.select is not None:
     root = loader.select(root)  # e.g. only the state dict: other storages are not read
@@ -1621,7 +1633,7 @@ def _finish(loader: _Load, root: Any, read_storages: Callable[[list, Callable], 
     if any(isinstance(p, _StorageRef) or p.whole for p in by_storage[ref.key]):
       offsets[ref.key] = total
       total += -(-ref.nbytes // 64) * 64  # 64-byte aligned, as in torch's archives
-  arena = np.empty(total, np.uint8)
+  arena = _arena(total)
 
   def dest_for(ref: _StorageRef) -> np.ndarray:
     start = offsets.get(ref.key)
