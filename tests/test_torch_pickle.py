@@ -1,5 +1,6 @@
 """The torch-free `.pth` loader against real files written by `torch.save`."""
 import collections
+import io
 import os
 import pathlib
 import pickle
@@ -218,3 +219,43 @@ def test_errors_name_the_file_and_are_value_errors(tmp_path):
   assert str(info.value).startswith(f"{path}: ")
   with pytest.raises(FileNotFoundError):
     load_torch_checkpoint(tmp_path / "missing.pth")
+
+
+_GS_READER = r"""
+import json, sys
+import numpy as np
+from vfocal_jax.convert.torch_pickle import CheckpointLoadError, load_torch_checkpoint
+out = {}
+for url in sys.argv[1:]:
+  try:
+    sd = load_torch_checkpoint(url)
+    out[url] = {k: np.asarray(v, np.float64).round(6).tolist() for k, v in sd.items()}
+  except CheckpointLoadError as e:
+    out[url] = f"{type(e).__name__}: {e}"
+print(json.dumps(out))
+"""
+
+
+def test_gs_urls_through_epath(tmp_path):
+  """zip, legacy and a hostile file in a bucket of the loopback Cloud Storage emulator."""
+  import json  # pylint: disable=import-outside-toplevel
+  from gcs_emulator import GcsEmulator, run_python  # pylint: disable=import-outside-toplevel
+  state = {"w": torch.arange(6.0).view(2, 3), "b": torch.tensor([0.5, -1.0])}
+  urls = {}
+  with GcsEmulator(tmp_path / "gcs") as gcs:
+    gcs.create_bucket("pth-test")
+    for name, kwargs in (("zip", {}), ("legacy", {"_use_new_zipfile_serialization": False})):
+      local = tmp_path / f"{name}.pth"
+      torch.save({"model": state}, local, **kwargs)
+      urls[name] = f"gs://pth-test/ckpt/{name}.pth"
+      gcs.upload_file(local, urls[name])
+    urls["evil"] = "gs://pth-test/ckpt/evil.pth"
+    buf = io.BytesIO()
+    torch.save({"model": state, "cfg": _Shell(tmp_path / "MARKER")}, buf)
+    gcs.upload(urls["evil"], buf.getvalue())
+    proc = run_python(gcs, ["-c", _GS_READER, *urls.values()], timeout=240)
+  got = json.loads(proc.stdout.strip().splitlines()[-1])
+  for name in ("zip", "legacy"):
+    assert got[urls[name]] == {"w": [[0, 1, 2], [3, 4, 5]], "b": [0.5, -1.0]}, name
+  assert got[urls["evil"]].startswith(f"UnsafeCheckpointError: {urls['evil']}: ")
+  assert not (tmp_path / "MARKER").exists()
