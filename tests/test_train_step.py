@@ -1,8 +1,12 @@
 """One SGD step of a tiny Video-FocalNet: the same loss and parameters on every mesh.
 
 SGD (the official optimizer), not Adam: Adam's scale invariance would hide a
-gradient that is off by a constant factor, e.g. the sharded depthwise-conv
-kernel gradient of ../shared/STACK.md (x model-axis size).
+gradient that is off by a constant factor, e.g. a sharded depthwise-conv kernel
+gradient off by the 'model' axis size, as XLA's grouped convolution once was.
+
+On CPU ``depthwise_impl='auto'`` picks the shifted multiplies; TPU and GPU run
+XLA's grouped convolution (``'xla'``), so the last test repeats a sharded step
+on that path (against the unsharded step, which must agree whichever path).
 """
 import jax
 import numpy as np
@@ -41,3 +45,11 @@ def test_sgd_step_matches_single_device(reference, mesh_shape, fsdp):
 def test_sgd_step_matches_with_replicated_params(reference):
   # Pure data parallelism with a 'model' axis > 1: the setting of the depthwise-gradient bug.
   _assert_same(run_steps(tiny_config(mesh_shape=(4, 2)), 1, rules=((r".*", None),)), reference)
+
+
+def test_sgd_step_matches_single_device_xla_depthwise(reference):
+  # The path TPU and GPU take (XLA's grouped convolution) in the setting of the depthwise-gradient bug: replicated
+  # kernels, a 'model' axis of 2. Against the unsharded step on the CPU path (shifted multiplies): the same maths.
+  # (Model-sharded kernels on this path also match; left out to keep the file's compile time down.)
+  config = tiny_config(mesh_shape=(4, 2), **{"model.depthwise_impl": "xla"})
+  _assert_same(run_steps(config, 1, rules=((r".*", None),)), reference)
