@@ -15,6 +15,7 @@ See docs/plan.md.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -39,6 +40,7 @@ def target_devices(topology: str | None) -> list:
   if topology in (None, "", LOCAL):
     return list(jax.devices())
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # No metadata server to ask: this is not a TPU VM.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # Compile-only: no chip to lock; other plans may run.
   from jax.experimental import topologies
   try:
     return list(topologies.get_topology_desc(topology, platform="tpu").devices)
@@ -128,12 +130,27 @@ def compile_steps(config, mesh, *, train: bool = True, eval: bool = True) -> dic
       lowered = lower()
       t1 = time.perf_counter()
       attempt["lower_seconds"] = t1 - t0
-      attempt["compiled"] = lowered.compile()
+      with _no_cache_writes(mesh.devices.flat[0].platform != jax.default_backend()):
+        attempt["compiled"] = lowered.compile()
       attempt["compile_seconds"] = time.perf_counter() - t1
     except (jax.errors.JaxRuntimeError, ValueError, RuntimeError, TypeError) as e:
       attempt["error"] = tpu_specs.summarize_error(e)
       attempt["oom"] = tpu_specs.is_out_of_memory(e)
   return out
+
+
+@contextlib.contextmanager
+def _no_cache_writes(active: bool):
+  """Keeps compile-only executables out of JAX's persistent cache (they cannot be loaded back here)."""
+  if not active:
+    yield
+    return
+  old = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e12)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old)
 
 
 def analyze(attempt: dict[str, Any], *, devices_per_chip: int, chip: tpu_specs.ChipSpec | None,
@@ -296,6 +313,18 @@ def run(config: ml_collections.ConfigDict, *, topology: str | None = None, json_
     not compile (out of memory, a batch that does not divide) is reported in
     its section (``error``; ``fits`` False for out of memory).
   """
+  report, _ = make_report(config, topology=topology, search_batch=search_batch, measure=measure, log=log)
+  log(format_report(report))
+  if json_path:
+    with open(json_path, "w") as f:
+      json.dump(report, f, indent=2, sort_keys=True)
+    log(f"wrote {json_path}")
+  return report
+
+
+def make_report(config: ml_collections.ConfigDict, *, topology: str | None = None, search_batch: bool = False,
+                measure: bool = False, log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Any]]:
+  """``run`` without printing: the report and the compile attempts (``compile_steps``) it was read from."""
   local = topology in (None, "", LOCAL)
   devices = target_devices(topology)
   platform, kind = devices[0].platform, devices[0].device_kind
@@ -350,12 +379,7 @@ def run(config: ml_collections.ConfigDict, *, topology: str | None = None, json_
       log(f"searching the largest train batch per chip on {report['topology']} (one compile per try) ...")
       report["search_batch"] = search_batch_variants(cfg, mesh, hbm_bytes=hbm, devices_per_chip=per_chip,
                                                      num_chips=num_chips, platform=platform, log=log)
-  log(format_report(report))
-  if json_path:
-    with open(json_path, "w") as f:
-      json.dump(report, f, indent=2, sort_keys=True)
-    log(f"wrote {json_path}")
-  return report
+  return report, steps
 
 
 def _measure(report, steps, cfg, mesh) -> None:
