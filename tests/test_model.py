@@ -47,7 +47,7 @@ def test_float64_parity_with_pytorch(tubelet, options):
   with jax.enable_x64(True):
     model64 = model.clone(dtype=jnp.float64, param_dtype=jnp.float64)
     variables = torch_to_flax({k: v.astype(np.float64) for k, v in sd.items()}, model64)
-    got = np.asarray(model64.apply(variables, jnp.asarray(video)))
+    got = np.asarray(jax.jit(model64.apply)(variables, jnp.asarray(video)))
   assert np.abs(expected).max() > 0.1  # every branch moves the logits
   np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
 
@@ -60,7 +60,7 @@ def test_float32_parity_with_pytorch(tubelet, impl):
   with torch.no_grad():
     expected = ref(torch.from_numpy(video).permute(0, 1, 4, 2, 3)).numpy()
   model = model.clone(depthwise_impl=impl)
-  got = np.asarray(model.apply(torch_to_flax(sd, model), jnp.asarray(video)))
+  got = np.asarray(jax.jit(model.apply)(torch_to_flax(sd, model), jnp.asarray(video)))
   np.testing.assert_allclose(got, expected, rtol=0, atol=5e-5)
 
 
@@ -86,7 +86,7 @@ def test_mismatched_state_dict_lists_every_key():
   variables, report = torch_to_flax(sd, model, allow_partial=True)
   assert report["missing"] == ["layers.0.blocks.0.modulation.f.weight"]
   assert report["unexpected"] == ["extra.weight"] and len(report["shape_mismatch"]) == 1
-  model.apply(variables, jnp.zeros((1, FRAMES, SIZE, SIZE, 3)))
+  jax.jit(model.apply)(variables, jnp.zeros((1, FRAMES, SIZE, SIZE, 3)))
 
 
 def test_official_sizes_convert_without_leftovers():
@@ -127,7 +127,7 @@ def test_design_space_structure_and_temporal_sensitivity():
   reversed_video = video[:, ::-1]
   for design in DESIGNS:
     model = create_model("custom", num_frames=FRAMES, design=design, **ARCH)
-    variables = model.init(jax.random.key(0), video)
+    variables = jax.jit(model.init)(jax.random.key(0), video)
     # The official init leaves gates near zero, hiding time; perturb every parameter.
     leaves, treedef = jax.tree.flatten(variables)
     rng = np.random.default_rng(0)
@@ -137,14 +137,15 @@ def test_design_space_structure_and_temporal_sensitivity():
     assert ("f_temporal" in mod) == (design in ("parallel", "sequential")), design
     if design == "joint3d":
       assert mod["focal_layers_0"]["kernel"].shape == (3, 3, 3, 1, 8)
-    out, rev = model.apply(variables, video), model.apply(variables, reversed_video)
+    apply = jax.jit(model.apply)
+    out, rev = apply(variables, video), apply(variables, reversed_video)
     # A per-frame model averaged over time cannot tell a clip from its reverse.
     if design == "spatial_only":
       np.testing.assert_allclose(out, rev, atol=1e-5)
     else:
       assert np.abs(out - rev).max() > 1e-4, design
   depthwise = create_model("custom", num_frames=FRAMES, temporal_conv="depthwise", **ARCH)
-  kernel = depthwise.init(jax.random.key(0), video)["params"]["layers_0"]["blocks_0"]["modulation"][
+  kernel = jax.eval_shape(depthwise.init, jax.random.key(0), video)["params"]["layers_0"]["blocks_0"]["modulation"][
       "focal_layers_temporal_1"]["kernel"]
   assert kernel.shape == (5, 1, 8)
 
@@ -154,9 +155,9 @@ def test_train_mode_remat_and_sown_modulators():
   model = create_model("custom", num_frames=FRAMES, drop_path_rate=0.5, drop_rate=0.1, depthwise_impl="xla",
                        **ARCH)
   video = jnp.asarray(_video(3), jnp.float32)
-  variables = model.init(jax.random.key(0), video)
-  eval_out = model.apply(variables, video)
-  train_out = model.apply(variables, video, train=True, rngs={"dropout": jax.random.key(1)})
+  variables = jax.jit(model.init)(jax.random.key(0), video)
+  eval_out = jax.jit(model.apply)(variables, video)
+  train_out = jax.jit(lambda v, x: model.apply(v, x, train=True, rngs={"dropout": jax.random.key(1)}))(variables, video)
   assert np.abs(eval_out - train_out).max() > 1e-4
 
   def loss(params, m):
@@ -166,7 +167,7 @@ def test_train_mode_remat_and_sown_modulators():
   g2 = grad(variables["params"], model.clone(remat=True))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g1, g2)
 
-  _, state = model.apply(variables, video, mutable=["intermediates"])
+  _, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(variables, video)
   mod = state["intermediates"]["layers_0"]["blocks_0"]["modulation"]
   assert mod["spatial_modulator"][0].shape == (2 * FRAMES, SIZE // 4, SIZE // 4, 8)
   assert mod["temporal_modulator"][0].shape == (2 * FRAMES, SIZE // 4, SIZE // 4, 8)

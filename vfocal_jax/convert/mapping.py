@@ -70,6 +70,11 @@ def abstract_params(model: Any) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
   return traverse_util.flatten_dict(shapes)
 
 
+def _init(model: Any, rng: jax.Array) -> Any:
+  """Fresh variables of ``model`` (jitted: one compile instead of one per operation)."""
+  return jax.jit(model.init)(rng, jnp.zeros((1, model.num_frames, 32, 32, 3)))
+
+
 def _check_convertible(model: Any) -> None:
   if model.design != "parallel" or model.temporal_conv != "dense":
     raise ValueError(f"Only the released design (design='parallel', temporal_conv='dense') has official "
@@ -105,8 +110,7 @@ def torch_to_flax(state_dict: dict[str, np.ndarray], model: Any, *, allow_partia
     if missing or unexpected or shape_mismatch:
       raise CheckpointMismatchError(missing, unexpected, shape_mismatch)
     return {"params": traverse_util.unflatten_dict(loaded)}
-  fresh = traverse_util.flatten_dict(
-      model.init(jax.random.key(0), jnp.zeros((1, model.num_frames, 32, 32, 3)))["params"])
+  fresh = traverse_util.flatten_dict(_init(model, jax.random.key(0))["params"])
   fresh.update(loaded)
   return {"params": traverse_util.unflatten_dict(fresh)}, report
 
@@ -134,8 +138,7 @@ def init_from_imagenet(state_dict_2d: dict[str, np.ndarray], model: Any, rng: ja
   the `copied`, `fresh` and `unused` keys.
   """
   _check_convertible(model)
-  fresh = traverse_util.flatten_dict(
-      model.init(rng, jnp.zeros((1, model.num_frames, 32, 32, 3)))["params"])
+  fresh = traverse_util.flatten_dict(_init(model, rng)["params"])
   copied, new, missing, mismatch = [], [], [], []
   for path, init_value in fresh.items():
     key = torch_key(path)
