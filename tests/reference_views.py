@@ -8,22 +8,10 @@ input size; pixels are normalised with the ImageNet mean/std.
 """
 import numpy as np
 
+from vfocal_jax.data.testing import write_video  # Lossless (FFV1): decoding gives back the frames.
+
 MEAN = np.array([123.675, 116.28, 103.53])
 STD = np.array([58.395, 57.12, 57.375])
-
-
-def write_ffv1(path, frames: np.ndarray, fps: int = 8) -> None:
-  """A lossless (FFV1) video: decoding gives back exactly ``frames`` (N, H, W, 3) uint8."""
-  import av
-  with av.open(str(path), "w") as container:
-    stream = container.add_stream("ffv1", rate=fps)
-    stream.height, stream.width = frames.shape[1:3]
-    stream.pix_fmt = "bgr0"
-    for frame in frames:
-      for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-        container.mux(packet)
-    for packet in stream.encode():
-      container.mux(packet)
 
 
 def eval_views(frames: np.ndarray, *, num_frames: int, size: int, clips: int, crops: int, interval: int,

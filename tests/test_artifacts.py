@@ -19,7 +19,7 @@ from flax import traverse_util
 
 from multihost_worker import StreamIterator, tiny_config  # Also puts the repository root on sys.path.
 from benchmarks import torch_video_focalnet as tvf  # noqa: I001
-from reference_views import eval_views, write_ffv1
+from reference_views import eval_views, write_video
 from vfocal_jax import artifacts, checkpoints, evaluate, model_card, params_io, predict, train
 from vfocal_jax.configs import default, demo
 from vfocal_jax.convert import cli
@@ -47,7 +47,7 @@ def released(tmp_path_factory):
   converted = cli.run(config=config, pth=str(root / "released.pth"), output_dir=str(root / "converted"),
                       labels=str(labels), config_given=True)
   frames = np.random.default_rng(1).integers(0, 256, (11, SIZE, 48, 3)).astype(np.uint8)
-  write_ffv1(root / "clip.mkv", frames)
+  write_video(str(root / "clip.mkv"), frames)
   with torch.no_grad():
     views = eval_views(frames, num_frames=FRAMES, size=SIZE, clips=CLIPS, crops=CROPS, interval=INTERVAL)
     views = torch.from_numpy(views.transpose(0, 1, 4, 2, 3).astype(np.float32))

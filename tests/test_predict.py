@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from reference_views import MEAN, STD, eval_views, write_ffv1
+from reference_views import MEAN, STD, eval_views, write_video
 from vfocal_jax import artifacts, checkpoints, evaluate, model_card, params_io, predict
 from vfocal_jax.configs import default, demo
 
@@ -49,7 +49,7 @@ def setup(tmp_path_factory):
   for i, (h, w, n) in enumerate([(32, 48, 12), (48, 32, 9), (32, 32, 20)]):  # wide, tall, square
     frames = rng.integers(0, 256, (n, h, w, 3)).astype(np.uint8)
     path = root / f"video_{i}.mkv"
-    write_ffv1(path, frames)
+    write_video(str(path), frames)
     videos.append((str(path), frames))
   garbage = root / "garbage.mp4"
   garbage.write_bytes(b"this is not a video" * 10)
@@ -139,7 +139,7 @@ def test_predict_from_workdir_and_csv_list(setup, tmp_path):
 
 def test_short_videos_warn_and_text_is_not_a_video(setup, tmp_path, caplog):
   short = tmp_path / "short.mkv"
-  write_ffv1(short, np.full((2, SIZE, SIZE, 3), 100, np.uint8))
+  write_video(str(short), np.full((2, SIZE, SIZE, 3), 100, np.uint8))
   text = tmp_path / "notes.txt"
   text.write_text("hello\n" * 40)
   loaded = artifacts.load(None, checkpoint=setup["checkpoint"])

@@ -34,7 +34,7 @@ def data_defaults() -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
   """Official Kinetics-400 / Video-FocalNet-T recipe (4 GPUs x 8 clips)."""
   config = ml_collections.ConfigDict()
-  config.dataset = "kinetics400"     # Informative name (logs, config.json).
+  config.dataset = "kinetics400"     # Informative name (logs, config.json); switches nothing.
   config.seed = 0
 
   # Clips.

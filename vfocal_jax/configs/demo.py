@@ -5,8 +5,10 @@
         --config.model.tubelet_size=1                                         # cannot see motion
 
 The 8 classes differ only in how a shape moves (data/demo_dataset.py), so a
-model that cannot compare frames stays near chance (12.5%). main.py writes
-the shards into ``<workdir>/demo_data`` (or ``demo_data_dir``) when absent.
+model that cannot compare frames stays near chance (12.5%). The
+``demo_dataset`` block is the switch: with it and no ``data.train_shards``,
+``train`` writes the shards into ``<workdir>/demo_data`` (or
+``demo_data_dir``) when absent (``vfocal_jax.data.demo_dataset.prepare``).
 
 Tubelet 2: the stem is a 3-D conv over frame pairs, so the model sees motion
 from its first layer and learns within a few hundred steps (98.5% top-1,
@@ -23,8 +25,8 @@ from vfocal_jax.configs import default
 
 def get_config() -> ml_collections.ConfigDict:
   config = default.get_config()
-  config.dataset = "demo"
-  config.demo_data_dir = ""            # '' = <workdir>/demo_data.
+  config.dataset = "demo"              # Informative, as in every config.
+  config.demo_data_dir = ""            # '' = <workdir>/demo_data (~/.cache/vfocal_jax/demo_data for gs://).
   config.demo_dataset = ml_collections.ConfigDict(dict(train_per_class=300, val_per_class=25, seed=0))
 
   config.num_frames = 8
