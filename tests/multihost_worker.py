@@ -94,6 +94,14 @@ class StreamIterator:
       self.pos = json.load(f)["pos"]
 
 
+def synthetic_eval_batches(config, n=5):
+  """One eval batch of random views: ``n`` real rows and padding (the eval pipeline's contract)."""
+  import numpy as np
+  rng = np.random.default_rng(7)
+  video = rng.normal(size=(8, 1, config.num_frames, config.image_size, config.image_size, 3)).astype(np.float32)
+  return [{"video": video, "label": rng.integers(0, NUM_CLASSES, 8).astype(np.int32), "mask": np.arange(8) < n}]
+
+
 def run_steps(config, num_steps: int, mesh=None, **trainer_kwargs):
   """Trains ``num_steps`` steps; returns per-step losses and the final params (host NumPy)."""
   import jax

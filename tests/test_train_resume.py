@@ -1,4 +1,5 @@
-"""The loop: stop after a checkpoint (SIGTERM) and restart = uninterrupted; non-finite loss stops cleanly."""
+"""The loop: stop after a checkpoint (SIGTERM) and restart = uninterrupted, metrics windows included;
+a non-finite loss stops with a message naming the checkpoint that is really there."""
 import json
 import os
 import signal
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from multihost_worker import StreamIterator, run_steps, tiny_config
+from multihost_worker import StreamIterator, run_steps, synthetic_eval_batches, tiny_config
 from vfocal_jax import checkpoints, evaluate, train
 
 models = pytest.importorskip("vfocal_jax.models")
@@ -15,15 +16,9 @@ if not hasattr(models, "create_model"):
   pytest.skip("vfocal_jax.models has no create_model yet", allow_module_level=True)
 
 
-def _eval_batches(config, n=5):
-  rng = np.random.default_rng(7)
-  video = rng.normal(size=(8, 1, config.num_frames, config.image_size, config.image_size, 3)).astype(np.float32)
-  return [{"video": video, "label": rng.integers(0, 5, 8).astype(np.int32), "mask": np.arange(8) < n}]
-
-
 @pytest.fixture(autouse=True)
 def _synthetic_eval(monkeypatch):
-  monkeypatch.setattr(evaluate, "create_eval_iterator", lambda config, clips, crops: _eval_batches(config))
+  monkeypatch.setattr(evaluate, "create_eval_iterator", lambda config, clips, crops: synthetic_eval_batches(config))
   monkeypatch.setattr(evaluate, "_class_names", lambda config: None)
 
 
@@ -40,15 +35,20 @@ class _SigtermAt(StreamIterator):
     return super().__next__()
 
 
+def _run(config, workdir, train_iter):
+  return train.train_and_evaluate(config, workdir, train_iter=train_iter, steps_per_epoch=100,
+                                  exit_on_preemption=False)
+
+
 def test_restart_reproduces_uninterrupted_run(tmp_path):
   config = tiny_config(mesh_shape=(4, 2), num_train_steps=6, checkpoint_every_steps=2)
   expected_losses, expected_params = run_steps(config, 6)
 
   workdir = str(tmp_path / "run")
-  first = train.train_and_evaluate(config, workdir, train_iter=_SigtermAt(config, at=3), steps_per_epoch=100)
+  first = _run(config, workdir, _SigtermAt(config, at=3))
   assert first["preempted_at"] == 4
   # A new process would build a fresh iterator at position 0; the checkpoint moves it.
-  second = train.train_and_evaluate(config, workdir, train_iter=StreamIterator(config), steps_per_epoch=100)
+  second = _run(config, workdir, StreamIterator(config))
   losses = dict(first["history"]) | dict(second["history"])
   assert sorted(losses) == [1, 2, 3, 4, 5, 6] and [s for s, _ in second["history"]] == [5, 6]
   np.testing.assert_allclose([losses[s] for s in range(1, 7)], expected_losses, rtol=1e-6)
@@ -59,12 +59,28 @@ def test_restart_reproduces_uninterrupted_run(tmp_path):
     assert os.path.getsize(os.path.join(workdir, png)) > 1000, png
   assert json.load(open(os.path.join(workdir, "config.json")))["model"]["embed_dim"] == 8
 
-  params, saved_config = checkpoints.load_params_from_workdir(workdir)
-  assert saved_config.model.embed_dim == 8
+  params, step = checkpoints.load_params_from_workdir(workdir)
+  assert step == 6
   flat, ref = traverse_util.flatten_dict(params, sep="/"), traverse_util.flatten_dict(expected_params, sep="/")
   assert flat.keys() == ref.keys()
   for key in ref:
     np.testing.assert_allclose(np.asarray(flat[key]), ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_logged_windows_after_resume_equal_the_uninterrupted_run(tmp_path):
+  # Windows end at steps 3, 6 and 8 (the last step). The run is preempted after step 4, inside the
+  # window 4-6, and the checkpoints at 2 and 4 are not at window ends either.
+  config = tiny_config(num_train_steps=8, log_every_steps=3, checkpoint_every_steps=2)
+  uninterrupted = _run(config, str(tmp_path / "straight"), StreamIterator(config))["history"]
+  assert [s for s, _ in uninterrupted] == [3, 6, 8]
+
+  workdir = str(tmp_path / "resumed")
+  first = _run(config, workdir, _SigtermAt(config, at=3))
+  assert first["preempted_at"] == 4 and [s for s, _ in first["history"]] == [3]
+  second = _run(config, workdir, StreamIterator(config))
+  assert [s for s, _ in first["history"] + second["history"]] == [3, 6, 8]
+  np.testing.assert_allclose([v for _, v in first["history"] + second["history"]], [v for _, v in uninterrupted],
+                             rtol=1e-6)
 
 
 class _NanAt(StreamIterator):
@@ -79,12 +95,25 @@ class _NanAt(StreamIterator):
     return batch
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+def test_non_finite_loss_stops_and_names_the_last_checkpoint(tmp_path):
   config = tiny_config(mesh_shape=(8, 1), num_train_steps=6, checkpoint_every_steps=2, log_every_steps=100)
   workdir = str(tmp_path / "nan")
-  with pytest.raises(train.NonFiniteLossError, match="last good checkpoint"):
-    train.train_and_evaluate(config, workdir, train_iter=_NanAt(config, at=2), steps_per_epoch=100)
-  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  with pytest.raises(train.NonFiniteLossError) as e:
+    _run(config, workdir, _NanAt(config, at=2))
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  assert f"the last checkpoint (step 2 in {ckpt_dir}) is intact" in str(e.value)
+  assert isinstance(e.value, ValueError) and "\n" not in str(e.value)  # One line on the command line.
+  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
   assert steps == [2]
-  params, _ = checkpoints.load_params_from_workdir(workdir)
+  params, step = checkpoints.load_params_from_workdir(workdir)
+  assert step == 2
   assert all(np.isfinite(np.asarray(v)).all() for v in traverse_util.flatten_dict(params).values())
+
+
+def test_non_finite_loss_before_any_checkpoint_says_so(tmp_path):
+  config = tiny_config(num_train_steps=6, checkpoint_every_steps=100, log_every_steps=2)
+  workdir = str(tmp_path / "nan0")
+  with pytest.raises(train.NonFiniteLossError, match=r"no checkpoint was written yet") as e:
+    _run(config, workdir, _NanAt(config, at=0))
+  assert "step 0" not in str(e.value) and "at or before step 2" in str(e.value)
+  assert not [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]

@@ -1,12 +1,18 @@
 """Orbax checkpoints of the train state and of the input iterator's position.
 
-Layout: ``workdir/checkpoints/<step>/{state,data}`` through one
+Layout: ``workdir/checkpoints/<step>/{state,data,loop}`` through one
 ``ocp.CheckpointManager`` (asynchronous saves; the latest ``keep`` steps plus the
 ``keep_best`` best by eval top-1 are kept). ``state`` is the train state as a
 plain nested dict (``flax.serialization.to_state_dict``), so its ``params``
 entry can be read without knowing the optimizer. ``data`` holds one file per
 process written by the input iterator's own ``save(path)``: restoring both
-puts a resumed run at the same batch with the same rng.
+puts a resumed run at the same batch with the same rng. ``loop`` is a small
+JSON of the loop's own state (the partial window of logged metrics), so a
+resumed run logs the same windows as an uninterrupted one.
+
+A save that fails (a full disk: ``OSError(ENOSPC)`` from the synchronous part
+or from the background commit) becomes one ``CheckpointWriteError`` naming the
+directory and the last committed step, which stays intact.
 """
 from __future__ import annotations
 
@@ -27,6 +33,11 @@ from vfocal_jax import paths
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
+ITEMS = ("state", "data", "loop")
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (e.g. the disk is full); the previous one is intact."""
 
 
 # --- The input iterator as an Orbax item (one file per process). ------------------------------
@@ -74,17 +85,82 @@ def create_manager(workdir: str, *, keep: int = 3, keep_best: int = 1, async_sav
   options = ocp.CheckpointManagerOptions(
       preservation_policy=cm.AnyPreservationPolicy(policies), create=not read_only,
       enable_async_checkpointing=async_save, read_only=read_only, cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(paths.resolve(workdir) / CHECKPOINT_DIR,
-                               options=options, item_names=("state", "data"))
+  return ocp.CheckpointManager(paths.resolve(workdir) / CHECKPOINT_DIR, options=options, item_names=ITEMS)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any = None, *,
-         metrics: dict[str, float] | None = None, force: bool = False) -> bool:
-  """Saves ``state`` (and the iterator position) at ``step``; returns whether it saved."""
+         metrics: dict[str, float] | None = None, force: bool = False,
+         loop_state: dict[str, Any] | None = None) -> bool:
+  """Saves ``state`` (the iterator position, the loop's JSON state) at ``step``; returns whether it saved.
+
+  Raises:
+    CheckpointWriteError: this save, or the background commit of the previous
+      one, failed (the message names the last committed step).
+  """
   items = {"state": ocp.args.StandardSave(serialization.to_state_dict(state))}
   if _checkpointable(data_iterator):
     items["data"] = DataIteratorSave(data_iterator)
-  return manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+  if loop_state is not None:
+    items["loop"] = ocp.args.JsonSave(loop_state)
+  try:
+    return manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+  except Exception as e:  # pylint: disable=broad-except
+    raise write_error(manager, e, step) from e
+
+
+def wait_until_finished(manager: ocp.CheckpointManager) -> None:
+  """Waits for the background commit; a failed one raises ``CheckpointWriteError``."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise write_error(manager, e) from e
+
+
+def check_for_errors(manager: ocp.CheckpointManager) -> None:
+  """Raises ``CheckpointWriteError`` if a background commit has already failed (does not wait)."""
+  try:
+    manager.check_for_errors()
+  except Exception as e:  # pylint: disable=broad-except
+    raise write_error(manager, e) from e
+
+
+def committed_steps(directory: paths.PathLike) -> list[int]:
+  """Steps whose checkpoint has committed in ``directory`` (``workdir/checkpoints``), read from storage.
+
+  Uncommitted saves live in ``<step>.orbax-checkpoint-tmp*`` directories
+  (removed at the next start) and are not listed.
+  """
+  directory = epath.Path(directory)
+  if not directory.exists():
+    return []
+  steps = [p for p in directory.iterdir() if p.name.isdigit() and p.is_dir()]
+  return sorted(int(p.name) for p in steps if ocp.path.step.is_path_finalized(p))
+
+
+def describe_latest(directory: paths.PathLike) -> str:
+  """``'the last checkpoint (step N in DIR) is intact'`` or ``'no checkpoint was written yet (DIR)'``."""
+  try:
+    steps = committed_steps(directory)
+  except OSError as e:
+    return f"the checkpoints in {directory} could not be listed ({e})"
+  if not steps:
+    return f"no checkpoint was written yet ({directory} has none)"
+  return f"the last checkpoint (step {steps[-1]} in {directory}) is intact"
+
+
+def write_error(manager: ocp.CheckpointManager, error: BaseException, step: int | None = None) -> CheckpointWriteError:
+  """One line for a failed save: what failed, why, and which checkpoint is still there."""
+  cause = " ".join(str(error).split()) or type(error).__name__
+  if len(cause) > 300:
+    cause = cause[:300] + "..."
+  what = f"checkpoint step {step}" if step is not None else "a checkpoint"
+  errno = getattr(error, "errno", None)
+  hint = " (free space there, or point --workdir elsewhere, then rerun to resume)" if errno == 28 else \
+      " (rerun to resume)"
+  out = CheckpointWriteError(f"could not write {what} in {manager.directory}: {cause}; "
+                             f"{describe_latest(manager.directory)}{hint}")
+  out.errno = errno
+  return out
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any = None,
@@ -107,6 +183,13 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
   restored = manager.restore(step, args=ocp.args.Composite(**items))
   logging.info("Restored checkpoint at step %d from %s.", step, manager.directory)
   return serialization.from_state_dict(abstract_state, restored["state"])
+
+
+def read_loop_state(manager: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
+  """The loop's JSON state saved at ``step`` (None for checkpoints written without one)."""
+  if not (epath.Path(manager.directory) / str(step) / "loop").exists():
+    return None
+  return manager.restore(step, args=ocp.args.Composite(loop=ocp.args.JsonRestore()))["loop"]
 
 
 def _has_data_dir(manager: ocp.CheckpointManager, step: int) -> bool:

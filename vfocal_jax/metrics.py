@@ -1,15 +1,16 @@
-"""clu metric collections for training, and the host-side exact evaluation counts.
+"""clu metric collections for training, the window of steps between two reports, and the exact eval counts.
 
 (clu's ``Std`` is broken with jax 0.10 — it calls ``jnp.clip(a_min=...)`` — so
 none is used here.)
 """
 
-
 from typing import Any
 
 import flax
+import jax
 import numpy as np
 from clu import metrics
+from flax import serialization
 
 
 @flax.struct.dataclass
@@ -20,6 +21,54 @@ class TrainMetrics(metrics.Collection):
   grad_norm: metrics.Average.from_output("grad_norm")
   learning_rate: metrics.LastValue.from_output("learning_rate")
   non_finite: metrics.Average.from_output("non_finite")
+
+
+class MetricWindow:
+  """The train metrics of the steps since the last report, merged on the device.
+
+  Its sums travel in checkpoints (``state_dict`` / ``load_state_dict``, plain
+  JSON), so after a resume the window that was open at the checkpoint goes on
+  from the same sums: the reported windows, and their values, are those of an
+  uninterrupted run. (float32 sums stored as Python floats come back exact.)
+  """
+
+  def __init__(self):
+    self.pending: "TrainMetrics | None" = None
+    self.num_steps = 0
+
+  def add(self, step_metrics: TrainMetrics) -> None:
+    self.pending = step_metrics if self.pending is None else self.pending.merge(step_metrics)
+    self.num_steps += 1
+
+  def non_finite(self) -> bool:
+    """Whether a step of the window had a non-finite loss or gradient (waits for those steps)."""
+    if self.pending is None:
+      return False
+    return float(np.asarray(jax.device_get(self.pending.non_finite.total))) > 0
+
+  def flush(self) -> "dict[str, float] | None":
+    """The window's means (host floats) and a new, empty window; None when empty."""
+    if self.pending is None:
+      return None
+    values = {k: float(np.asarray(jax.device_get(v))) for k, v in self.pending.compute().items()}
+    self.pending, self.num_steps = None, 0
+    return values
+
+  def state_dict(self) -> dict[str, Any]:
+    if self.pending is None:
+      return {"num_steps": 0, "sums": None}
+    sums = jax.tree.map(lambda x: np.asarray(jax.device_get(x)).tolist(), serialization.to_state_dict(self.pending))
+    return {"num_steps": self.num_steps, "sums": sums}
+
+  def load_state_dict(self, state: "dict[str, Any] | None") -> None:
+    self.pending, self.num_steps = None, 0
+    if not state or state.get("sums") is None:
+      return
+    template = TrainMetrics.empty()
+    dtypes = jax.tree.map(lambda x: np.asarray(x).dtype, serialization.to_state_dict(template))
+    sums = jax.tree.map(lambda v, d: np.asarray(v, d), state["sums"], dtypes)
+    self.pending = serialization.from_state_dict(template, sums)
+    self.num_steps = int(state["num_steps"])
 
 
 class EvalCounts:

@@ -6,16 +6,18 @@ parameters and optimizer state by the partition rules of ``sharding.py``), the
 state donated. Inside it: mixup/cutmix with label smoothing, dropout /
 stochastic-depth rngs folded from the step, optional gradient accumulation over
 micro-batches, and an update that is skipped when the loss or gradient is not
-finite (the loop then stops, keeping the last good checkpoint).
+finite (the loop then stops, naming the last committed checkpoint).
 
-The loop resumes from ``workdir/checkpoints`` (state and input position),
-saves asynchronously, saves and exits on SIGTERM, reports clu metrics to
-TensorBoard and stdout with an ETA, evaluates, and writes ``eval_results.json``.
+``train_and_evaluate`` is the loop: it resumes from ``workdir/checkpoints``
+(state, input position, the open metrics window), runs the periodic actions of
+``loop_actions.py`` after each step (log, eval, checkpoint) with clu's
+``ReportProgress`` (steps/s, ETA), stops on SIGTERM with a committed checkpoint
+and exit status ``preemption.EXIT_PREEMPTED``, and ends with the multi-view
+test (``eval_results.json``) and ``training_curves.png``.
 """
 from __future__ import annotations
 
 import functools
-import signal
 import time
 from typing import Any, Callable, Iterable, Iterator
 
@@ -25,36 +27,39 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
+from clu import metric_writers, periodic_actions
 from flax import traverse_util
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
-from vfocal_jax import artifacts, checkpoints, evaluate, finetune, mixup, model_card, optim, paths, pixels, sharding
+from vfocal_jax import artifacts, checkpoints, evaluate, finetune, loop_actions, mixup, model_card, optim, paths, pixels
+from vfocal_jax import sharding, train_config
 from vfocal_jax import batch as batch_lib
-from vfocal_jax.metrics import TrainMetrics
+from vfocal_jax.loop_actions import CURVES_PNG, NonFiniteLossError  # noqa: F401  (part of this module's API)
+from vfocal_jax.metrics import MetricWindow, TrainMetrics
+from vfocal_jax.preemption import EXIT_PREEMPTED, Preemption  # noqa: F401
 from vfocal_jax.train_state import TrainState, create_train_state
-
-CURVES_PNG = "training_curves.png"
 
 
 def quiet_orbax_logs() -> None:
-  """Keeps Orbax's INFO chatter (several lines per save) out of the training log."""
+  """Keeps Orbax's INFO chatter (several lines per save) out of the training log, and its tracebacks.
+
+  Orbax logs a failed background save as ERROR with the thread's traceback;
+  the loop raises one ``CheckpointWriteError`` for it (its cause chained, for
+  ``--traceback``), so only Orbax's message line is kept.
+  """
   import logging as py_logging
 
   class _Filter(py_logging.Filter):
     def filter(self, record):
-      return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
+      if "orbax" not in record.pathname:
+        return True
+      record.exc_info, record.exc_text = None, None
+      return record.levelno >= py_logging.WARNING
 
   absl_logger = logging.get_absl_logger()
   if not any(isinstance(f, _Filter) for f in absl_logger.filters):
     absl_logger.addFilter(_Filter())
 
-
-class NonFiniteLossError(RuntimeError):
-  """Raised when the loss or the gradient norm is NaN/inf (the last good checkpoint is kept)."""
-
-
-# --- Model and state. ------------------------------------------------------------------------
 
 # --- The step. -------------------------------------------------------------------------------
 
@@ -173,37 +178,6 @@ class Trainer:
 
 # --- The loop. -------------------------------------------------------------------------------
 
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks (single process; multi-process uses JAX's sync point)."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-    if jax.process_count() == 1:
-      try:
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-      except ValueError:  # Not the main thread.
-        self._previous = None
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM: saving a checkpoint and exiting.")
-    self.requested = True
-
-  def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      try:
-        return bool(multihost_utils.reached_preemption_sync_point(step))
-      except Exception:  # No preemption service (e.g. not initialised by jax.distributed).
-        return False
-    return self.requested
-
-  def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def _local_batch_size(global_batch: int) -> int:
   if global_batch % jax.process_count():
     raise ValueError(f"Global batch {global_batch} does not divide over {jax.process_count()} processes.")
@@ -233,7 +207,7 @@ def steps_per_epoch_for(config: ml_collections.ConfigDict) -> int:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | None = None,
                        *, train_iter=None, steps_per_epoch: int | None = None,
-                       overrides: Iterable[str] = ()) -> dict[str, Any]:
+                       overrides: Iterable[str] = (), exit_on_preemption: bool = True) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints), then evaluates.
 
   Args:
@@ -246,12 +220,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoi
     steps_per_epoch: overrides the count from the split size (tests).
     overrides: config fields the user set explicitly (they may differ from the
       fine-tuning checkpoint's model card).
+    exit_on_preemption: on SIGTERM, end the process with ``EXIT_PREEMPTED``
+      once the checkpoint has committed (at once when nothing would be lost);
+      False returns instead (in-process use).
 
   Returns:
     The final evaluation results (also written to ``workdir/eval_results.json``)
-    plus ``history``: ``(step, mean loss since the previous report)`` pairs of
-    this run; on SIGTERM only ``history`` and ``preempted_at``.
+    plus ``history``: ``(step, mean loss of the window ending there)`` pairs of
+    this run; when preempted (``exit_on_preemption=False``) only ``history``
+    and ``preempted_at``.
+
+  Raises:
+    ValueError: a training field of ``config`` cannot work (before anything is written).
+    NonFiniteLossError: the loss or gradient became NaN/inf.
+    checkpoints.CheckpointWriteError: a checkpoint could not be written (full disk).
   """
+  train_config.validate(config)
+  preemption = Preemption(exit_process=exit_on_preemption)
+  try:
+    return _train_and_evaluate(config, workdir, checkpoint, train_iter=train_iter, steps_per_epoch=steps_per_epoch,
+                               overrides=overrides, preemption=preemption)
+  finally:
+    preemption.close()
+
+
+def _train_and_evaluate(config, workdir, checkpoint, *, train_iter, steps_per_epoch, overrides,
+                        preemption: Preemption) -> dict[str, Any]:
   quiet_orbax_logs()
   config, class_names = finetune.classes_from_data(config)
   init_from = checkpoint or config.init_checkpoint or None
@@ -272,6 +266,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoi
 
   manager = checkpoints.create_manager(workdir, keep=config.keep_checkpoints, keep_best=config.keep_best_checkpoints,
                                        async_save=config.async_checkpointing)
+  window = MetricWindow()
+  ckpt = loop_actions.Checkpointer(manager, every_steps=config.checkpoint_every_steps, last_step=total,
+                                   train_iter=train_iter, window=window)
+  preemption.idle(f"start-up: {checkpoints.describe_latest(ckpt.directory)}, nothing else to lose")
   state = checkpoints.restore_latest(manager, trainer.abstract_target(), train_iter)
   if state is None:
     state = trainer.init_state()
@@ -282,70 +280,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoi
       state = trainer.place_params(state, merged)
   start = int(sharding.to_host(state.step))
   if start:
-    logging.info("Resuming at step %d.", start)
+    window.load_state_dict((checkpoints.read_loop_state(manager, start) or {}).get("window"))
+    logging.info("Resuming at step %d (%d steps of the open metrics window carried over).", start, window.num_steps)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start == 0:
     writer.write_hparams({k: v for k, v in traverse_util.flatten_dict(config.to_dict(), sep=".").items()
                           if isinstance(v, (int, float, str, bool))})
-  preemption = _Preemption()
-  pending: TrainMetrics | None = None
-  t_last, step_last = time.time(), start
-  t_start = time.time()
-  num_skipped = 0
-  last_good = start
-  results: dict[str, Any] = {}
-  history: list[tuple[int, float]] = []
   eval_step = evaluate.make_eval_step(trainer.model, trainer.num_classes, trainer.mesh, trainer.state_sharding.params)
   eval_every = max(int(round(config.eval_every_epochs * trainer.steps_per_epoch)), 1) if config.eval_every_epochs > 0 else 0
+  report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer, every_steps=config.log_every_steps,
+                                           every_secs=None)
+  log = loop_actions.LogMetrics(config, window=window, writer=writer, checkpointer=ckpt, total_steps=total,
+                                steps_per_epoch=trainer.steps_per_epoch)
+  periodic_eval = loop_actions.PeriodicEval(config, every_steps=eval_every, total_steps=total, model=trainer.model,
+                                            mesh=trainer.mesh, eval_step=eval_step, writer=writer, preemption=preemption)
+  t_start = time.time()
   try:
     with trainer.mesh:
-      step = start
-      while step < total:
+      if start < total:
+        logging.info("Step %d: compiling the train step.", start + 1)
+      for step in range(start + 1, total + 1):
         batch = next(train_iter)
-        num_skipped = int(np.max(batch.get("num_skipped", 0)))
-        state, m = trainer.train_step(state, trainer.put_batch(batch))
-        pending = m if pending is None else pending.merge(m)
-        step += 1
-        is_last = step == total
+        state, step_metrics = trainer.train_step(state, trainer.put_batch(batch))
+        if step == start + 1:
+          preemption.busy()  # From here, steps since the last checkpoint would be lost.
+          log.start_timing(step)
+        window.add(step_metrics)
+        log.num_skipped = int(np.max(batch.get("num_skipped", 0)))
+        report(step)
+        log(step)
         stop = preemption.reached(step)
-        if step % config.log_every_steps == 0 or is_last or stop or step % config.checkpoint_every_steps == 0:
-          values = pending.compute()
-          pending = None
-          values = {k: float(v) for k, v in sharding.to_host(values).items()}
-          if values["non_finite"] > 0:
-            raise NonFiniteLossError(
-                f"Non-finite loss or gradient before step {step} (loss={values['loss']}, grad_norm="
-                f"{values['grad_norm']}); the update was skipped and training stopped. The last good "
-                f"checkpoint (step {last_good}) is kept in {manager.directory}. Try a lower learning rate, "
-                "float32 compute (--config.model.dtype=float32) or gradient clipping.")
-          now = time.time()
-          rate = (step - step_last) / max(now - t_last, 1e-9)
-          eta = (total - step) / max(rate, 1e-9)
-          values.update(clips_per_sec=rate * config.batch_size * max(config.accumulation_steps, 1),
-                        steps_per_sec=rate, num_skipped=num_skipped, epoch=step / trainer.steps_per_epoch)
-          writer.write_scalars(step, values)
-          history.append((step, values["loss"]))
-          logging.info("step %d/%d (%.1f%%) loss %.4f top1 %.3f lr %.3g |g| %.3g %.1f clips/s ETA %s skipped %d",
-                       step, total, 100.0 * step / total, values["loss"], values["top1"], values["learning_rate"],
-                       values["grad_norm"], values["clips_per_sec"], _fmt_time(eta), num_skipped)
-          t_last, step_last = now, step
-        eval_now = eval_every and step % eval_every == 0 and not is_last
-        metrics_for_ckpt = None
-        if eval_now:
-          res = evaluate.evaluate_params(config, trainer.model, state.params, trainer.mesh,
-                                         num_clips=config.eval_num_clips, num_crops=config.eval_num_crops,
-                                         step_fn=eval_step)
-          writer.write_scalars(step, {f"eval/{k}": v for k, v in res.items() if isinstance(v, float)})
-          metrics_for_ckpt = {"top1": res["top1"]}
-        if stop or is_last or eval_now or step % config.checkpoint_every_steps == 0:
-          checkpoints.save(manager, step, state, train_iter, metrics=metrics_for_ckpt, force=True)
-          last_good = step
+        with report.timed("eval"):
+          eval_metrics = None if stop else periodic_eval(step, state)
+        with report.timed("checkpoint"):
+          ckpt(step, state, metrics=eval_metrics, force=stop or eval_metrics is not None)
         if stop:
-          logging.warning("Preempted at step %d: checkpoint saved, exiting.", step)
-          manager.wait_until_finished()
-          return {"history": history, "preempted_at": step}
-      logging.info("Training done: %d steps in %s.", total - start, _fmt_time(time.time() - t_start))
+          ckpt.wait()
+          writer.flush()
+          if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("vfocal_preempted")
+          preemption.finish(f"Preempted at step {step}: checkpoint step {step} committed in {ckpt.directory}.")
+          return {"history": log.history, "preempted_at": step}
+      ckpt.wait()
+      writer.flush()
+      preemption.idle(f"the final evaluation: training is finished and checkpoint step {total} is committed in "
+                      f"{ckpt.directory}; the rerun only evaluates")
+      logging.info("Training done: %d steps in %s.", total - start, loop_actions.fmt_time(time.time() - t_start))
       results = evaluate.evaluate_params(config, trainer.model, state.params, trainer.mesh,
                                          num_clips=config.test_num_clips, num_crops=config.test_num_crops,
                                          step_fn=eval_step)
@@ -353,29 +335,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoi
       evaluate.write_results(workdir, results)
       writer.write_scalars(total, {f"test/{k}": v for k, v in results.items() if isinstance(v, float)})
       writer.flush()
-      _write_training_curves(workdir)
-      results["history"] = history
+      loop_actions.write_training_curves(workdir)
+      results["history"] = log.history
+      return results
   finally:
+    _close(manager, writer)
+
+
+def _close(manager, writer) -> None:
+  """Waits for a save in flight and closes; never masks the error that is propagating."""
+  try:
     manager.wait_until_finished()
     manager.close()
-    writer.flush()
-    preemption.restore()
-  return results
-
-
-def _write_training_curves(workdir: str) -> None:
-  """``workdir/training_curves.png`` from the run's TensorBoard events (process 0; never fails the run)."""
-  if jax.process_index() != 0:
-    return
-  from vfocal_jax import plots
-  try:
-    logging.info("Wrote %s", plots.plot_training_curves(workdir, paths.join(workdir, CURVES_PNG)))
-  except Exception as e:  # A figure is never worth losing the run over.
-    logging.warning("Could not draw the training curves: %s", e)
-
-
-def _fmt_time(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}:{m:02d}:{s:02d}"
+  except Exception as e:  # pylint: disable=broad-except  # Already raised as CheckpointWriteError, or about to be.
+    logging.debug("Closing the checkpoint manager: %s", e)
+  writer.flush()
