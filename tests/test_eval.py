@@ -61,7 +61,8 @@ def test_eval_counts_exact_with_padding():
   for shape in [(1, 1), (4, 2)]:
     mesh = sharding.create_mesh(shape, jax.devices()[:shape[0] * shape[1]])
     params = jax.device_put({}, sharding.replicated(mesh))
-    res = evaluate.evaluate_params(config, PixelLogits(), params, mesh, num_clips=3, num_crops=1, batches=batches)
+    res = evaluate.evaluate_params(config, PixelLogits(), params, mesh, num_clips=3, num_crops=1, batches=batches,
+                                   class_names=[str(k) for k in range(K)])
     assert res["num_videos"] == n == 29
     assert res["num_correct_top1"] == c1
     assert res["num_correct_top5"] == c5
