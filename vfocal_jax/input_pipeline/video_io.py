@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import numpy as np
@@ -18,10 +19,13 @@ class VideoDecodeError(ValueError):
 
 
 def _short_side_size(height: int, width: int, short_side: int) -> tuple[int, int]:
-  """(height, width) after scaling so that min(height, width) == short_side."""
-  if height <= width:
-    return short_side, max(1, round(width * short_side / height))
-  return max(1, round(height * short_side / width)), short_side
+  """(height, width) scaled so that min(height, width) == short_side.
+
+  The rounding of `transforms.short_side_size` (mmcv's: floor(x * scale + 0.5)),
+  so frames resized here and clips resized in the pipeline agree.
+  """
+  scale = short_side / min(height, width)
+  return max(1, math.floor(height * scale + 0.5)), max(1, math.floor(width * scale + 0.5))
 
 
 def decode_video_file(path: str | os.PathLike, *, short_side: int | None = None,
