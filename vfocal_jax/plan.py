@@ -43,7 +43,14 @@ def target_devices(topology: str | None) -> list:
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # Compile-only: no chip to lock; other plans may run.
   from jax.experimental import topologies
   try:
-    return list(topologies.get_topology_desc(topology, platform="tpu").devices)
+    try:
+      return list(topologies.get_topology_desc(topology, platform="tpu").devices)
+    except Exception as e:  # Fewer chips than one default host (v5e:1x1): the slice is its own host.
+      dims = [int(d) for d in topology.split(":")[-1].split("x")] if ":" in topology else []
+      if "chips_per_host_bounds" not in str(e) or not dims or not all(d > 0 for d in dims):
+        raise
+      bounds = tuple(dims + [1] * (3 - len(dims)))
+      return list(topologies.get_topology_desc(topology, platform="tpu", chips_per_host_bounds=bounds).devices)
   except Exception as e:  # Unknown name, libtpu missing, ...
     raise ValueError(f"--topology={topology}: no TPU topology of that name could be built "
                      f"({tpu_specs.summarize_error(e, 200)}); e.g. v5e:2x2, v5e:2x4, v4:2x2x1, v5p:2x2x1, "

@@ -1,0 +1,100 @@
+"""The docs/plan.md table: ``plan`` for the official recipes on a few Cloud TPU slices, compiled on this host.
+
+    JAX_PLATFORMS=cpu python benchmarks/plan_table.py --rows=tiny@v5e:2x2,small@v5e:2x2 --out_dir=/tmp/plan_rows
+    python benchmarks/plan_table.py --out_dir=/tmp/plan_rows --table_only   # print the table of the rows done
+
+Each row (recipe @ topology) is one ``plan.run`` (train + eval compile, each
+taking minutes for the full-size models) and is saved as ``out_dir/<row>.json``,
+so rows can be run one at a time (in the background) and the table printed
+from whatever is there. ``--search_batch`` adds the largest batch per chip
+(many more compiles). Every figure is the TPU compiler's estimate: no TPU runs.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+RECIPES = {"tiny": "k400_tiny", "small": "k400_small", "base": "k400_base"}
+DEFAULT_ROWS = ("tiny@v5e:2x2", "tiny@v5e:2x4", "tiny@v4:2x2x1", "tiny@v5p:2x2x1", "small@v5e:2x2", "base@v5e:2x2")
+
+
+def row_name(row: str) -> str:
+  return row.replace("@", "_").replace(":", "_")
+
+
+def run_row(row: str, out_dir: str, search_batch: bool) -> dict:
+  import importlib
+  from vfocal_jax import plan
+  recipe, topology = row.split("@")
+  config = importlib.import_module(f"configs.{RECIPES[recipe]}").get_config()
+  report = plan.run(config, topology=topology, search_batch=search_batch)
+  report["row"] = row
+  with open(os.path.join(out_dir, row_name(row) + ".json"), "w") as f:
+    json.dump(report, f, indent=2, sort_keys=True)
+  return report
+
+
+def _f(x, fmt, missing="-"):
+  return missing if x is None else format(x, fmt)
+
+
+def table(reports: list[dict]) -> str:
+  """Markdown table, one line per (recipe, topology, step)."""
+  head = ("| recipe | topology (chips) | step | batch / chip | memory / chip (GiB) | HBM (GiB) | fits | "
+          "max train batch / chip | est. step | est. clips/s/chip | est. MFU | TFLOP / chip / step | compile here |")
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  for r in reports:
+    c = r["config"]
+    searched = {(v["remat"], v["fsdp"]): v["max_batch_per_chip"] for v in r.get("search_batch") or []}
+    for name in ("train", "eval"):
+      s = r[name]
+      best = "-"
+      if name == "train" and searched:
+        best = "; ".join(f"{'remat ' if k[0] else ''}{'fsdp ' if k[1] else ''}{_f(v, 'g', 'none')}".strip()
+                         for k, v in searched.items())
+      gib = lambda b: None if b is None else b / 2 ** 30
+      compile_s = (s["lower_seconds"] or 0) + (s["compile_seconds"] or 0) if s["ok"] else None
+      batch = f"{s['batch_per_chip']:g}" + ("" if name == "train" else f" x {c['eval_views']} views")
+      fits = {True: "yes", False: "NO", None: "?"}[s["fits"]]
+      lines.append(
+          f"| {c['variant']} {c['num_frames']}x{c['image_size']} {c['dtype']} | {r['topology']} ({r['num_chips']}) | "
+          f"{name} | {batch} | {_f(gib(s['total_bytes_per_chip']), '.2f')} | {_f(gib(s['hbm_bytes_per_chip']), '.0f')} | "
+          f"{fits} | {best} | {_f(None if s['estimated_step_seconds'] is None else 1e3 * s['estimated_step_seconds'], '.0f')} ms | "
+          f"{_f(s['estimated_clips_per_second_per_chip'], '.1f')} | "
+          f"{_f(None if s['estimated_mfu'] is None else 100 * s['estimated_mfu'], '.0f')}% | "
+          f"{_f(None if s['flops_per_chip'] is None else s['flops_per_chip'] / 1e12, '.2f')} | "
+          f"{_f(None if compile_s is None else compile_s / 60, '.1f')} min |")
+  return "\n".join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="recipe@topology, comma-separated.")
+  parser.add_argument("--out_dir", default=os.path.join(ROOT, "workdir_plan"), help="One JSON per row.")
+  parser.add_argument("--search_batch", action="store_true", help="Also search the largest batch per chip.")
+  parser.add_argument("--table_only", action="store_true", help="Print the table of the rows in out_dir.")
+  args = parser.parse_args()
+  os.makedirs(args.out_dir, exist_ok=True)
+  if not args.table_only:
+    for row in filter(None, args.rows.split(",")):
+      run_row(row, args.out_dir, args.search_batch)
+  reports = []
+  for path in sorted(glob.glob(os.path.join(args.out_dir, "*.json"))):
+    with open(path) as f:
+      reports.append(json.load(f))
+  print(table(reports))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,194 @@
+"""``plan``: a tiny Video-FocalNet compiled for a v5e:2x2 slice on the CPU (libtpu's compile-only devices).
+
+The report is checked against the compiled executables' own analyses (read
+here again from the executables) and against what the arrays must take; a
+batch far too large is reported as not fitting, without an exception.
+"""
+import json
+import os
+import types
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from vfocal_jax import plan, tpu_specs  # noqa: E402
+
+TOPOLOGY = "v5e:2x2"
+
+
+def tiny_config(**overrides):
+  from configs import k400_tiny
+  config = k400_tiny.get_config()
+  config.num_frames = 4
+  config.image_size = 32
+  config.model.embed_dim = 16
+  config.model.depths = (1, 1, 1, 1)
+  config.model.focal_levels = (1, 1, 1, 1)  # 3x3 depthwise only: quicker compiles.
+  config.model.num_classes = 10
+  config.batch_size = 8
+  config.eval_batch_size = 8
+  config.test_num_clips = 1
+  config.test_num_crops = 1
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def _nbytes(tree):
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+@pytest.fixture(scope="module")
+def planned():
+  pytest.importorskip("libtpu")
+  return plan.make_report(tiny_config(), topology=TOPOLOGY)
+
+
+def test_report_matches_the_compiled_steps(planned):
+  report, steps = planned
+  assert report["topology"] == TOPOLOGY and report["num_chips"] == 4 and report["devices_per_chip"] == 1
+  assert report["device_kind"] == "TPU v5 lite" and report["mesh_shape"] == [4, 1]
+  assert report["config"]["depthwise_impl"] == "xla"  # Resolved for the TPU, not for this CPU.
+  json.dumps(report)  # JSON-able as is.
+  for name in ("train", "eval"):
+    s, compiled = report[name], steps[name]["compiled"]
+    assert s["ok"] and s["error"] is None and compiled is not None
+    m = compiled.memory_analysis()
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+             + m.generated_code_size_in_bytes)
+    assert s["total_bytes_per_chip"] == total
+    assert s["memory_per_chip"]["temp"] == m.temp_size_in_bytes
+    assert s["memory_per_chip"]["argument"] == m.argument_size_in_bytes
+    assert s["hbm_bytes_per_chip"] == 16 * 2 ** 30 and s["fits"] is True
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    assert s["flops_per_chip"] == pytest.approx(cost["flops"])
+    assert s["estimated_step_seconds"] == pytest.approx(cost["optimal_seconds"])
+    assert 0 < s["estimated_step_seconds"] < 1
+    assert s["estimated_mfu"] == pytest.approx(cost["flops"] / (cost["optimal_seconds"] * 197e12))
+    assert s["batch_per_chip"] == 2
+    assert s["estimated_clips_per_second_per_chip"] == pytest.approx(2 / cost["optimal_seconds"])
+    assert s["collectives"] == tpu_specs.collectives(compiled.as_text())
+
+  # What the arrays must take: the train step holds the whole (replicated) state and a quarter of the batch,
+  # and gets the donated state back as its output.
+  trainer = steps["trainer"]
+  state_bytes, params_bytes = _nbytes(trainer.abstract_state), _nbytes(trainer.abstract_state.params)
+  batch_bytes = _nbytes(plan.train_batch_specs(trainer.config, trainer.mesh)) // 4
+  train = report["train"]["memory_per_chip"]
+  assert train["argument"] >= state_bytes + batch_bytes
+  assert train["alias"] >= 0.9 * state_bytes
+  assert report["eval"]["memory_per_chip"]["argument"] >= params_bytes
+  # Forward + backward is about 3 forwards per clip.
+  per_clip = {n: report[n]["flops_per_chip"] / report[n]["clips_per_chip"] for n in ("train", "eval")}
+  assert 2 < per_clip["train"] / per_clip["eval"] < 4.5
+  # The gradients are summed over the 'data' axis: at least the parameters' size in bf16.
+  reduced = {e["kind"]: e["bytes"] for e in report["train"]["collectives"]}
+  assert reduced.get("all-reduce", 0) >= params_bytes // 2
+
+  text = plan.format_report(report)
+  assert "compiler's cost-model estimate" in text and "fits" in text and "all-reduce" in text
+
+
+def test_batch_far_too_large_is_reported_not_raised(tmp_path, capsys):
+  pytest.importorskip("libtpu")
+  config = tiny_config(batch_size=4 * 65536)
+  path = str(tmp_path / "plan.json")
+  report = plan.run(config, topology=TOPOLOGY, json_path=path)
+  train = report["train"]
+  assert train["ok"] is False and train["fits"] is False and train["batch_per_chip"] == 65536
+  assert "\n" not in train["error"] and "memory" in train["error"].lower() and len(train["error"]) <= 300
+  assert report["eval"]["fits"] is True  # The eval batch is unchanged.
+  out = capsys.readouterr().out
+  assert "does not fit" in out and "Traceback" not in out
+  with open(path) as f:
+    assert json.load(f)["train"]["fits"] is False
+
+
+def test_batch_that_does_not_divide_names_the_field(capsys):
+  pytest.importorskip("libtpu")
+  report = plan.run(tiny_config(batch_size=6, eval_batch_size=10), topology=TOPOLOGY)
+  assert "batch_size=6" in report["train"]["error"] and "'data'" in report["train"]["error"]
+  assert "eval_batch_size=10" in report["eval"]["error"]
+  assert report["train"]["fits"] is None and not report["train"]["ok"]
+  assert "batch_size=6 does not divide" in capsys.readouterr().out
+
+
+def test_unknown_topology_is_one_line():
+  pytest.importorskip("libtpu")
+  with pytest.raises(ValueError, match="topology=v9z:2x2") as info:
+    plan.target_devices("v9z:2x2")
+  assert "\n" not in str(info.value)
+
+
+def test_target_config_resolves_depthwise_for_the_target_and_copies():
+  config = tiny_config()
+  config.lock()
+  tpu = plan.target_config(config, "tpu", batch_size=16, **{"model.remat": True})
+  assert tpu.model.depthwise_impl == "xla" and tpu.batch_size == 16 and tpu.model.remat
+  assert "depthwise_impl" not in config.model and config.batch_size == 8
+  assert plan.target_config(config, jax.default_backend()).model.get("depthwise_impl", "auto") == "auto"
+
+
+@pytest.mark.parametrize("largest", [1, 5, 8, 37, 64, 1000])
+@pytest.mark.parametrize("start", [1, 8, 100])
+def test_search_largest(largest, start):
+  calls = []
+
+  def fits(n):
+    calls.append(n)
+    return n <= largest
+
+  assert plan.search_largest(fits, start=start, limit=4096) == largest
+  assert len(calls) <= 2 * 12 + 2 and len(set(calls)) == len(calls)
+
+
+def test_search_largest_edges():
+  assert plan.search_largest(lambda n: False, start=8) is None
+  assert plan.search_largest(lambda n: True, start=3, limit=50) == 50
+
+
+def test_collectives_from_hlo_text():
+  hlo = "\n".join([
+      "ENTRY %main {",
+      "  %all-reduce.1 = (bf16[10]{0}, f32[128,10]{1,0:T(8,128)}, /*index=2*/f32[]{:T(128)}) all-reduce(%a, %b, %c), "
+      "channel_id=1, replica_groups={{0,1,2,3}}, to_apply=%add",
+      "  %all-gather.7 = f32[8,4,32,32,3]{3,2,4,1,0:T(8,128)S(1)} all-gather(%x), channel_id=4, dimensions={0}",
+      "  %ags = ((bf16[2,16]{1,0}), bf16[8,16]{1,0}, u32[], u32[]) all-gather-start(%y), dimensions={0}",
+      "  %agd = bf16[8,16]{1,0} all-gather-done(%ags)",
+      "  ROOT %rs = u8[4]{0} reduce-scatter(%z), dimensions={0}",
+      "  %fusion = f32[2]{0} fusion(%all-gather.7), kind=kLoop, calls=%all-reduce_like_name",
+      "}"])
+  got = {e["kind"]: (e["count"], e["bytes"]) for e in tpu_specs.collectives(hlo)}
+  assert got == {"all-reduce": (1, 20 + 128 * 10 * 4 + 4), "all-gather": (2, 8 * 4 * 32 * 32 * 3 * 4 + 8 * 16 * 2),
+                 "reduce-scatter": (1, 4)}
+
+
+def test_summarize_error_is_one_line():
+  e = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+                   "(81.78G) exceeds available HBM (15.75G).\n\nBuffer 1: ...\nBuffer 2: ...")
+  line = tpu_specs.summarize_error(e)
+  assert line.startswith("RESOURCE_EXHAUSTED: Ran out of memory") and "15.75G" in line and "\n" not in line
+  assert tpu_specs.is_out_of_memory(e)
+  assert tpu_specs.summarize_error(ValueError("first\nsecond")) == "first"
+
+
+def test_chip_layout_counts_cores_per_chip():
+  dev = lambda x, y, core: types.SimpleNamespace(platform="tpu", coords=(x, y, 0), core_on_chip=core)
+  v4 = [dev(x, y, c) for y in range(2) for x in range(2) for c in range(2)]  # Two TensorCores per chip.
+  assert tpu_specs.chip_layout(v4) == (4, 2)
+  assert tpu_specs.chip_layout([dev(x, y, 0) for y in range(2) for x in range(2)]) == (4, 1)
+  assert tpu_specs.chip_layout(jax.devices()) == (len(jax.devices()), 1)
+  assert tpu_specs.chip_spec("TPU v5 lite").peak_bf16_flops == 197e12
+  assert {tpu_specs.chip_spec(k).name for k in ("TPU v4", "TPU v5", "TPU v6 lite")} == {"v4", "v5p", "v6e"}
+
+
+def test_measure_step_times_a_compiled_function():
+  f = jax.jit(lambda x, y: (x + 1, y * 2)).lower(np.zeros(4), np.ones(4)).compile()
+  t = plan.measure_step(f, lambda: (np.zeros(4), np.ones(4)), runs=3, donates_first=True)
+  assert 0 < t < 10
