@@ -16,6 +16,9 @@ from typing import Any
 _EXPORTS = {
     "load_torch_checkpoint": "vfocal_jax.convert.torch_pickle",
     "read_torch_file": "vfocal_jax.convert.torch_pickle",
+    "CheckpointLoadError": "vfocal_jax.convert.torch_pickle",
+    "CheckpointFormatError": "vfocal_jax.convert.torch_pickle",
+    "CheckpointLimitError": "vfocal_jax.convert.torch_pickle",
     "UnsafeCheckpointError": "vfocal_jax.convert.torch_pickle",
     "torch_to_flax": "vfocal_jax.convert.mapping",
     "flax_to_torch_state_dict": "vfocal_jax.convert.mapping",
