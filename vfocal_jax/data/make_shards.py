@@ -1,6 +1,6 @@
 r"""Turns a folder of videos + a CSV (`path,label` per line) into TFRecord shards.
 
-    python -m data.make_shards --csv train.csv --video_root videos/ \
+    python -m vfocal_jax.data.make_shards --csv train.csv --video_root videos/ \
         --output_dir shards/train --num_shards 64 [--short_side 256] \
         [--max_fps 30] [--jpeg_quality 90] [--workers 8] [--label_map shards/train/labels.txt]
 
