@@ -30,7 +30,7 @@ from vfocal_jax import artifacts, paths
 from vfocal_jax import batch as batch_lib
 
 __all__ = ["read_video_list", "read_class_names", "video_views", "make_predict_fn", "predict_videos",
-           "write_csv", "run", "PredictionFailed"]
+           "write_csv", "run", "top_classes", "PredictionFailed"]
 
 TOP_K = 5
 EXIT_STATUS_FAILED = 1  # `main.py predict` / `visualize` when any video could not be read.
@@ -107,6 +107,12 @@ def sample_span(config: ml_collections.ConfigDict) -> int:
 
 # --- The model. -------------------------------------------------------------------------------
 
+def top_classes(probs: np.ndarray, names: Sequence[str]) -> list[tuple[int, str, float]]:
+  """The `TOP_K` most probable classes: `(index, name, probability)`, best first (ties by index)."""
+  order = np.argsort(-probs, kind="stable")[:min(TOP_K, len(probs))]
+  return [(int(i), names[int(i)], float(probs[i])) for i in order]
+
+
 def make_predict_fn(model):
   """`fn(params, views (B, V, T, H, W, 3), pixel_affine (B, 5, 3)) -> probabilities (B, C)`, jitted."""
   return jax.jit(functools.partial(batch_lib.view_probabilities, model))
@@ -146,9 +152,8 @@ def predict_videos(loaded: artifacts.Loaded, videos: Sequence[str], *, batch_siz
       affine = np.concatenate([affine, np.repeat(affine[:1], batch_size - n, axis=0)])
     probs = np.asarray(fn(params, views, affine))[:n]
     for (result, _, _), p in zip(pending, probs):
-      top = np.argsort(-p, kind="stable")[:min(TOP_K, num_classes)]
       result["probs"] = p
-      result["top"] = [(int(i), names[int(i)], float(p[i])) for i in top]
+      result["top"] = top_classes(p, names)
     pending.clear()
 
   span = sample_span(config)

@@ -168,10 +168,7 @@ def visualize_video(loaded: artifacts.Loaded, frames: np.ndarray, output_dir: st
   rows = select_layers(maps)
   views, affine = predict.video_views(frames, config)
   probs = np.asarray(predict.make_predict_fn(loaded.model)(loaded.params, views[None], affine[None]))[0]
-  num_classes = probs.shape[0]
-  names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-  order = np.argsort(-probs, kind="stable")[:min(predict.TOP_K, num_classes)]
-  top = [(int(i), names[int(i)], float(probs[i])) for i in order]
+  top = predict.top_classes(probs, list(class_names) if class_names else [str(i) for i in range(len(probs))])
   stem = paths.join(output_dir, name)
   modulators_png = plot_modulators(
       clip[0], rows, stem + "_modulators.png", title=f"{name}: predicted '{top[0][1]}' ({top[0][2]:.2f})",
