@@ -16,10 +16,6 @@ from flax import traverse_util
 from multihost_worker import run_steps, tiny_config
 from vfocal_jax import sharding
 
-models = pytest.importorskip("vfocal_jax.models")
-if not hasattr(models, "create_model"):
-  pytest.skip("vfocal_jax.models has no create_model yet", allow_module_level=True)
-
 
 @pytest.fixture(scope="module")
 def reference():
@@ -37,7 +33,9 @@ def _assert_same(result, reference):
     np.testing.assert_allclose(flat[key], ref_flat[key], rtol=1e-4, atol=2e-5, err_msg=key)
 
 
-@pytest.mark.parametrize("mesh_shape,fsdp", [((4, 2), False), ((2, 4), False), ((4, 2), True), ((2, 4), True)])
+# Each case compiles a sharded step for 8 devices (the suite's costliest compiles): model-sharded params on one
+# mesh, fully sharded (FSDP) on the transposed one; replicated params below.
+@pytest.mark.parametrize("mesh_shape,fsdp", [((4, 2), False), ((2, 4), True)])
 def test_sgd_step_matches_single_device(reference, mesh_shape, fsdp):
   _assert_same(run_steps(tiny_config(mesh_shape=mesh_shape, fsdp=fsdp), 1), reference)
 
