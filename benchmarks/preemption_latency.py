@@ -150,11 +150,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
   parser.add_argument("--rows", default=",".join(ROWS))
   parser.add_argument("--root", default="/tmp/preemption_latency")
   parser.add_argument("--repo", default=str(ROOT), help="checkout whose main.py runs (to compare versions)")
+  parser.add_argument("--demo_data_dir", default="",
+                      help="full-size demo shards (`main.py` builds them in <workdir>/demo_data): run the demo "
+                           "config as it is (model, batch, pipeline) instead of the tiny overrides")
   args = parser.parse_args(argv)
   root, repo = pathlib.Path(args.root), pathlib.Path(args.repo).resolve()
   root.mkdir(parents=True, exist_ok=True)
-  demo_dir = root / "demo_data"
-  build_demo_data(demo_dir)
+  if args.demo_data_dir:
+    demo_dir = pathlib.Path(args.demo_data_dir).resolve()
+    TINY[:] = ["--config.log_every_steps=10", "--config.checkpoint_every_steps=20"]
+  else:
+    demo_dir = root / "demo_data"
+    build_demo_data(demo_dir)
   rows, workdirs = [], {}
   for name in args.rows.split(","):
     reuse = ROWS[name][3]

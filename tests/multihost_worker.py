@@ -1,9 +1,13 @@
 """A tiny training run used by the train tests, in-process or as one of several processes.
 
     python tests/multihost_worker.py --num_processes=2 --process_id=0 --port=12345 --out=/tmp/p0.json
+    python tests/multihost_worker.py --workdir=/tmp/run --steps=100000      # the whole loop (train_and_evaluate)
 
 Each process feeds its own rows of every global batch (rows are split in
-process order), as the input pipeline does on a multi-host run.
+process order), as the input pipeline does on a multi-host run. With
+``--workdir`` the process runs ``train.train_and_evaluate`` as the command
+line does (exits with ``preemption.EXIT_PREEMPTED`` on SIGTERM), on the
+deterministic stream and one synthetic eval batch.
 """
 from __future__ import annotations
 
@@ -125,11 +129,17 @@ def main():
   parser.add_argument("--devices_per_process", type=int, default=2)
   parser.add_argument("--mesh", default="-1,1")
   parser.add_argument("--steps", type=int, default=2)
-  parser.add_argument("--out", required=True)
+  parser.add_argument("--out")
+  parser.add_argument("--workdir", help="run train_and_evaluate here instead")
+  parser.add_argument("--log_every", type=int, default=2)
+  parser.add_argument("--checkpoint_every", type=int, default=3)
   args = parser.parse_args()
 
   import jax
   jax.config.update("jax_num_cpu_devices", args.devices_per_process)
+  if args.workdir:
+    train_main(args)
+    return
   if args.num_processes > 1:
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}", num_processes=args.num_processes,
                                process_id=args.process_id)
@@ -142,6 +152,20 @@ def main():
     with open(args.out, "w") as f:
       json.dump({"losses": losses, "device_count": jax.device_count(), "process_count": jax.process_count(),
                  "params": {k: np.asarray(v, np.float64).ravel().tolist() for k, v in flat.items()}}, f)
+
+
+def train_main(args):
+  """``train.train_and_evaluate`` in ``args.workdir``, logging at INFO to stderr as the command line does."""
+  from absl import logging
+  from vfocal_jax import evaluate, train
+  logging.set_verbosity(logging.INFO)
+  logging.use_absl_handler()
+  evaluate.create_eval_iterator = lambda config, clips, crops: synthetic_eval_batches(config)
+  evaluate._class_names = lambda config: None  # pylint: disable=protected-access
+  config = tiny_config(mesh_shape=tuple(int(x) for x in args.mesh.split(",")), num_train_steps=args.steps,
+                       log_every_steps=args.log_every, checkpoint_every_steps=args.checkpoint_every,
+                       async_checkpointing=True)
+  train.train_and_evaluate(config, args.workdir, train_iter=StreamIterator(config), steps_per_epoch=100)
 
 
 if __name__ == "__main__":

@@ -90,8 +90,10 @@ def create_manager(workdir: str, *, keep: int = 3, keep_best: int = 1, async_sav
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any = None, *,
          metrics: dict[str, float] | None = None, force: bool = False,
-         loop_state: dict[str, Any] | None = None) -> bool:
+         loop_state: dict[str, Any] | None = None, previous_step: int | None = None) -> bool:
   """Saves ``state`` (the iterator position, the loop's JSON state) at ``step``; returns whether it saved.
+
+  ``previous_step`` (the save still in flight, if any) only names it when its commit failed.
 
   Raises:
     CheckpointWriteError: this save, or the background commit of the previous
@@ -103,25 +105,29 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: A
   if loop_state is not None:
     items["loop"] = ocp.args.JsonSave(loop_state)
   try:
+    manager.wait_until_finished()  # The previous save's failure is that save's, not this one's.
+  except Exception as e:  # pylint: disable=broad-except
+    raise write_error(manager, e, previous_step) from e
+  try:
     return manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
   except Exception as e:  # pylint: disable=broad-except
     raise write_error(manager, e, step) from e
 
 
-def wait_until_finished(manager: ocp.CheckpointManager) -> None:
-  """Waits for the background commit; a failed one raises ``CheckpointWriteError``."""
+def wait_until_finished(manager: ocp.CheckpointManager, step: int | None = None) -> None:
+  """Waits for the background commit (of ``step``); a failed one raises ``CheckpointWriteError``."""
   try:
     manager.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except
-    raise write_error(manager, e) from e
+    raise write_error(manager, e, step) from e
 
 
-def check_for_errors(manager: ocp.CheckpointManager) -> None:
-  """Raises ``CheckpointWriteError`` if a background commit has already failed (does not wait)."""
+def check_for_errors(manager: ocp.CheckpointManager, step: int | None = None) -> None:
+  """Raises ``CheckpointWriteError`` if the background commit (of ``step``) already failed (does not wait)."""
   try:
     manager.check_for_errors()
   except Exception as e:  # pylint: disable=broad-except
-    raise write_error(manager, e) from e
+    raise write_error(manager, e, step) from e
 
 
 def committed_steps(directory: paths.PathLike) -> list[int]:

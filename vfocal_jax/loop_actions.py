@@ -26,7 +26,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 
 from vfocal_jax import checkpoints, evaluate, paths
-from vfocal_jax.metrics import MetricWindow, TrainMetrics
+from vfocal_jax.metrics import MetricWindow
 from vfocal_jax.preemption import EvalInterrupted, Preemption
 
 CURVES_PNG = "training_curves.png"
@@ -46,6 +46,7 @@ class Checkpointer(periodic_actions.PeriodicAction):
     super().__init__(every_steps=every_steps, on_steps=[last_step])
     self.manager, self.train_iter, self.window = manager, train_iter, window
     self.directory = str(manager.directory)
+    self.in_flight: int | None = None  # The last step saved (its commit may still be running).
 
   def __call__(self, step: int, state: Any = None, *, metrics: dict[str, float] | None = None,
                force: bool = False) -> bool:
@@ -65,15 +66,16 @@ class Checkpointer(periodic_actions.PeriodicAction):
     if self.window.non_finite():  # Never checkpoint past a skipped, non-finite update.
       raise NonFiniteLossError(non_finite_message(step, None, self.latest()))
     checkpoints.save(self.manager, step, state, self.train_iter, metrics=metrics, force=True,
-                     loop_state={"window": self.window.state_dict()})
+                     loop_state={"window": self.window.state_dict()}, previous_step=self.in_flight)
+    self.in_flight = step
 
   def wait(self) -> None:
     """Blocks until the last save has committed (``CheckpointWriteError`` if it failed)."""
-    checkpoints.wait_until_finished(self.manager)
+    checkpoints.wait_until_finished(self.manager, self.in_flight)
 
   def check(self) -> None:
     """Raises ``CheckpointWriteError`` if a background commit already failed (does not wait)."""
-    checkpoints.check_for_errors(self.manager)
+    checkpoints.check_for_errors(self.manager, self.in_flight)
 
   def latest(self) -> str:
     """The last committed checkpoint, in words (waits for a save in flight; never raises)."""
@@ -119,7 +121,7 @@ class LogMetrics(periodic_actions.PeriodicAction):
     from_step, from_t = self._rate_from or (step - num_steps, t)
     rate = (step - from_step) / max(t - from_t, 1e-9) if step > from_step else 0.0
     self._rate_from = (step, t)
-    values.update(clips_per_sec=rate * self.clips_per_step, num_skipped=self.num_skipped,
+    values.update(steps_per_sec=rate, clips_per_sec=rate * self.clips_per_step, num_skipped=self.num_skipped,
                   epoch=step / self.steps_per_epoch)
     self.writer.write_scalars(step, values)
     self.history.append((step, values["loss"]))

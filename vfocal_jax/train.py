@@ -238,6 +238,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoi
   train_config.validate(config)
   preemption = Preemption(exit_process=exit_on_preemption)
   try:
+    preemption.idle(f"start-up: {checkpoints.describe_latest(paths.join(workdir, checkpoints.CHECKPOINT_DIR))}, "
+                    "nothing else to lose")
     return _train_and_evaluate(config, workdir, checkpoint, train_iter=train_iter, steps_per_epoch=steps_per_epoch,
                                overrides=overrides, preemption=preemption)
   finally:
@@ -269,7 +271,6 @@ def _train_and_evaluate(config, workdir, checkpoint, *, train_iter, steps_per_ep
   window = MetricWindow()
   ckpt = loop_actions.Checkpointer(manager, every_steps=config.checkpoint_every_steps, last_step=total,
                                    train_iter=train_iter, window=window)
-  preemption.idle(f"start-up: {checkpoints.describe_latest(ckpt.directory)}, nothing else to lose")
   state = checkpoints.restore_latest(manager, trainer.abstract_target(), train_iter)
   if state is None:
     state = trainer.init_state()
@@ -289,8 +290,8 @@ def _train_and_evaluate(config, workdir, checkpoint, *, train_iter, steps_per_ep
                           if isinstance(v, (int, float, str, bool))})
   eval_step = evaluate.make_eval_step(trainer.model, trainer.num_classes, trainer.mesh, trainer.state_sharding.params)
   eval_every = max(int(round(config.eval_every_epochs * trainer.steps_per_epoch)), 1) if config.eval_every_epochs > 0 else 0
-  report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer, every_steps=config.log_every_steps,
-                                           every_secs=None)
+  # Progress, ETA and the time spent in eval / checkpoints to the log (steps/s reach TensorBoard with the metrics).
+  report = periodic_actions.ReportProgress(num_train_steps=total, every_steps=config.log_every_steps, every_secs=None)
   log = loop_actions.LogMetrics(config, window=window, writer=writer, checkpointer=ckpt, total_steps=total,
                                 steps_per_epoch=trainer.steps_per_epoch)
   periodic_eval = loop_actions.PeriodicEval(config, every_steps=eval_every, total_steps=total, model=trainer.model,
@@ -300,6 +301,8 @@ def _train_and_evaluate(config, workdir, checkpoint, *, train_iter, steps_per_ep
     with trainer.mesh:
       if start < total:
         logging.info("Step %d: compiling the train step.", start + 1)
+        preemption.idle(f"the compilation of step {start + 1}: {checkpoints.describe_latest(ckpt.directory)}, "
+                        "nothing else to lose")
       for step in range(start + 1, total + 1):
         batch = next(train_iter)
         state, step_metrics = trainer.train_step(state, trainer.put_batch(batch))

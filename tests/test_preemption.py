@@ -1,0 +1,102 @@
+"""SIGTERM to a training process at start-up, while it compiles, mid-training and at a resumed start-up:
+it exits promptly with ``EXIT_PREEMPTED``, says what it kept, and the checkpoint it names restores."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from vfocal_jax import checkpoints
+from vfocal_jax.preemption import EXIT_PREEMPTED
+
+models = pytest.importorskip("vfocal_jax.models")
+if not hasattr(models, "create_model"):
+  pytest.skip("vfocal_jax.models has no create_model yet", allow_module_level=True)
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
+ROOT = os.path.dirname(os.path.dirname(WORKER))
+PROMPT_S = 60  # Generous: the measured exits take well under a few seconds (docs/training.md).
+
+
+def _sigterm_at(workdir, marker, count=1, timeout=300):
+  """Runs the worker's training loop, sends SIGTERM at the ``count``-th log line matching ``marker``.
+
+  Returns (exit status, log, seconds from the signal to the exit).
+  """
+  env = dict(os.environ, XLA_FLAGS="", TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, WORKER, f"--workdir={workdir}", "--devices_per_process=1", "--steps=100000",
+         "--log_every=2", "--checkpoint_every=3"]
+  proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  lines, seen, signalled = [], [0], []
+
+  def read():
+    for line in proc.stdout:
+      lines.append(line)
+      if not signalled and re.search(marker, line):
+        seen[0] += 1
+        if seen[0] == count:
+          proc.send_signal(signal.SIGTERM)
+          signalled.append(time.monotonic())
+
+  reader = threading.Thread(target=read, daemon=True)
+  reader.start()
+  try:
+    proc.wait(timeout=timeout)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  reader.join(10)
+  log = "".join(lines)
+  assert signalled, f"never saw {marker!r}:\n{log[-3000:]}"
+  return proc.returncode, log, time.monotonic() - signalled[0]
+
+
+def _restores(workdir, step):
+  params, restored = checkpoints.load_params_from_workdir(workdir)
+  assert restored == step
+  assert all(np.isfinite(np.asarray(v)).all() for v in traverse_util.flatten_dict(params).values())
+
+
+def test_sigterm_at_every_moment_exits_promptly_and_keeps_the_checkpoint(tmp_path):
+  ckpt = lambda w: os.path.join(w, "checkpoints")
+
+  # Start-up (the model is built; restore and compiles come next): nothing to save.
+  workdir = str(tmp_path / "startup")
+  code, log, seconds = _sigterm_at(workdir, r"Mesh \{")
+  assert code == EXIT_PREEMPTED and seconds < PROMPT_S, log[-3000:]
+  assert f"SIGTERM during start-up: no checkpoint was written yet ({ckpt(workdir)} has none)" in log
+  assert checkpoints.committed_steps(ckpt(workdir)) == []
+
+  # The first step compiling: nothing trained yet, nothing to save. (Should the compile win the race
+  # against the signal, step 1 is saved instead; either way what the log says is what is on disk.)
+  workdir = str(tmp_path / "compile")
+  code, log, seconds = _sigterm_at(workdir, r"compiling the train step")
+  assert code == EXIT_PREEMPTED and seconds < PROMPT_S, log[-3000:]
+  if "SIGTERM during the compilation of step 1: no checkpoint was written yet" in log:
+    assert checkpoints.committed_steps(ckpt(workdir)) == []
+  else:
+    assert "Preempted at step 1: checkpoint step 1 committed" in log, log[-3000:]
+    _restores(workdir, 1)
+
+  # Mid-training (checkpoints every 3 steps, a log line every 2): the step after the signal is saved.
+  workdir = str(tmp_path / "training")
+  code, log, seconds = _sigterm_at(workdir, r"step \d+/100000:", count=2)
+  assert code == EXIT_PREEMPTED and seconds < PROMPT_S, log[-3000:]
+  match = re.search(rf"Preempted at step (\d+): checkpoint step \1 committed in {re.escape(ckpt(workdir))}\.", log)
+  assert match, log[-3000:]
+  step = int(match.group(1))
+  assert step >= 4 and checkpoints.committed_steps(ckpt(workdir))[-1] == step
+  _restores(workdir, step)
+
+  # The rerun's start-up: the checkpoint is named, and left as it was.
+  code, log, seconds = _sigterm_at(workdir, r"Mesh \{")
+  assert code == EXIT_PREEMPTED and seconds < PROMPT_S, log[-3000:]
+  assert f"SIGTERM during start-up: the last checkpoint (step {step} in {ckpt(workdir)}) is intact" in log
+  assert checkpoints.committed_steps(ckpt(workdir))[-1] == step
+  _restores(workdir, step)
