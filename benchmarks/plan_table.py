@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import gzip
 import json
 import os
 import sys
@@ -38,10 +39,15 @@ def run_row(row: str, out_dir: str, search_batch: bool) -> dict:
   from vfocal_jax import plan
   recipe, topology = row.split("@")
   config = importlib.import_module(f"configs.{RECIPES[recipe]}").get_config()
-  report = plan.run(config, topology=topology, search_batch=search_batch)
+  report, steps = plan.make_report(config, topology=topology, search_batch=search_batch)
+  print(plan.format_report(report), flush=True)
   report["row"] = row
   with open(os.path.join(out_dir, row_name(row) + ".json"), "w") as f:
     json.dump(report, f, indent=2, sort_keys=True)
+  for name in ("train", "eval"):  # The compiled modules, to read again without recompiling.
+    if steps[name]["compiled"] is not None:
+      with gzip.open(os.path.join(out_dir, f"{row_name(row)}_{name}.hlo.txt.gz"), "wt") as f:
+        f.write(steps[name]["compiled"].as_text())
   return report
 
 
@@ -67,14 +73,15 @@ def table(reports: list[dict]) -> str:
       compile_s = (s["lower_seconds"] or 0) + (s["compile_seconds"] or 0) if s["ok"] else None
       batch = f"{s['batch_per_chip']:g}" + ("" if name == "train" else f" x {c['eval_views']} views")
       fits = {True: "yes", False: "NO", None: "?"}[s["fits"]]
+      ms = None if s["estimated_step_seconds"] is None else f"{1e3 * s['estimated_step_seconds']:.0f} ms"
+      mfu = None if s["estimated_mfu"] is None else f"{100 * s['estimated_mfu']:.0f}%"
+      tflop = None if s["flops_per_chip"] is None else s["flops_per_chip"] / 1e12
+      minutes = None if compile_s is None else f"{compile_s / 60:.1f} min"
       lines.append(
           f"| {c['variant']} {c['num_frames']}x{c['image_size']} {c['dtype']} | {r['topology']} ({r['num_chips']}) | "
           f"{name} | {batch} | {_f(gib(s['total_bytes_per_chip']), '.2f')} | {_f(gib(s['hbm_bytes_per_chip']), '.0f')} | "
-          f"{fits} | {best} | {_f(None if s['estimated_step_seconds'] is None else 1e3 * s['estimated_step_seconds'], '.0f')} ms | "
-          f"{_f(s['estimated_clips_per_second_per_chip'], '.1f')} | "
-          f"{_f(None if s['estimated_mfu'] is None else 100 * s['estimated_mfu'], '.0f')}% | "
-          f"{_f(None if s['flops_per_chip'] is None else s['flops_per_chip'] / 1e12, '.2f')} | "
-          f"{_f(None if compile_s is None else compile_s / 60, '.1f')} min |")
+          f"{fits} | {best} | {_f(ms, 's')} | {_f(s['estimated_clips_per_second_per_chip'], '.1f')} | {_f(mfu, 's')} | "
+          f"{_f(tflop, '.2f')} | {_f(minutes, 's')} |")
   return "\n".join(lines)
 
 

@@ -67,12 +67,19 @@ def test_report_matches_the_compiled_steps(planned):
     assert s["hbm_bytes_per_chip"] == 16 * 2 ** 30 and s["fits"] is True
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    assert s["flops_per_chip"] == pytest.approx(cost["flops"])
-    assert s["estimated_step_seconds"] == pytest.approx(cost["optimal_seconds"])
+    # Custom calls outside fusions are booked at -1 s / -1 FLOP by the cost analysis: plan counts them as free.
+    n = sum(tpu_specs.unmodelled_custom_calls(compiled.as_text()).values())
+    assert s["unmodelled_custom_calls"] == tpu_specs.unmodelled_custom_calls(compiled.as_text())
+    assert s["cost_analysis_raw"]["optimal_seconds"] == pytest.approx(cost["optimal_seconds"])
+    assert s["flops_per_chip"] == pytest.approx(cost["flops"] + n)
+    t = cost["optimal_seconds"] + n
+    assert s["estimated_step_seconds"] == pytest.approx(t)
     assert 0 < s["estimated_step_seconds"] < 1
-    assert s["estimated_mfu"] == pytest.approx(cost["flops"] / (cost["optimal_seconds"] * 197e12))
+    assert s["estimated_mfu"] == pytest.approx((cost["flops"] + n) / (t * 197e12))
     assert s["batch_per_chip"] == 2
-    assert s["estimated_clips_per_second_per_chip"] == pytest.approx(2 / cost["optimal_seconds"])
+    assert s["estimated_clips_per_second_per_chip"] == pytest.approx(2 / t)
+    assert s["roofline_step_seconds"] == pytest.approx(
+        max((cost["flops"] + n) / 197e12, (cost["bytes accessed"] + n) / 819e9))
     assert s["collectives"] == tpu_specs.collectives(compiled.as_text())
 
   # What the arrays must take: the train step holds the whole (replicated) state and a quarter of the batch,
@@ -167,6 +174,26 @@ def test_collectives_from_hlo_text():
   got = {e["kind"]: (e["count"], e["bytes"]) for e in tpu_specs.collectives(hlo)}
   assert got == {"all-reduce": (1, 20 + 128 * 10 * 4 + 4), "all-gather": (2, 8 * 4 * 32 * 32 * 3 * 4 + 8 * 16 * 2),
                  "reduce-scatter": (1, 4)}
+
+
+def test_custom_calls_outside_fusions_are_counted_as_free():
+  hlo = "\n".join([
+      "%fused_computation.1 (param_0: s32[4]) -> s32[4] {",
+      '  ROOT %cc = s32[4]{0} custom-call(%param_0), custom_call_target="AssumeGatherIndicesInBound"',
+      "}",
+      "",
+      "ENTRY %main.282_spmd (p: bf16[8,96]) -> bf16[8,192] {",
+      "  %fusion.3 = s32[4]{0} fusion(%p), kind=kLoop, calls=%fused_computation.1",
+      '  %concat.1 = bf16[8,192]{1,0} custom-call(%p, %p), custom_call_target="ConcatBitcast"',
+      '  ROOT %concat.2 = bf16[8,192]{1,0} custom-call(%p, %p), custom_call_target="ConcatBitcast"',
+      "}"])
+  assert tpu_specs.unmodelled_custom_calls(hlo) == {"ConcatBitcast": 2}
+  fake = types.SimpleNamespace(cost_analysis=lambda: {"optimal_seconds": -1.99, "flops": 98.0,
+                                                      "bytes accessed": 8.0, "transcendentals": 3.0})
+  cost = tpu_specs.cost_stats(fake, hlo)
+  assert cost["optimal_seconds"] == pytest.approx(0.01) and cost["flops"] == 100 and cost["bytes_accessed"] == 10
+  assert cost["transcendentals"] == 3 and cost["raw"]["optimal_seconds"] == -1.99
+  assert tpu_specs.cost_stats(fake)["optimal_seconds"] is None  # Without the text: no estimate, not a negative one.
 
 
 def test_summarize_error_is_one_line():

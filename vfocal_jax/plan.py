@@ -171,12 +171,17 @@ def analyze(attempt: dict[str, Any], *, devices_per_chip: int, chip: tpu_specs.C
       "hbm_bytes_per_chip": hbm_bytes, "fits": False if attempt["oom"] else None,
       "memory_per_chip": None, "total_bytes_per_chip": None, "flops_per_chip": None,
       "bytes_accessed_per_chip": None, "estimated_step_seconds": None, "estimated_clips_per_second_per_chip": None,
-      "estimated_mfu": None, "collectives": None}
+      "estimated_mfu": None, "roofline_step_seconds": None, "cost_analysis_raw": None,
+      "unmodelled_custom_calls": None, "collectives": None}
   compiled = attempt["compiled"]
   if compiled is None:
     return section
+  try:
+    text = compiled.as_text()
+  except Exception:  # No text for this executable.
+    text = None
   mem = {key: (None if v is None else v * k) for key, v in tpu_specs.memory_stats(compiled).items()}
-  cost = tpu_specs.cost_stats(compiled)
+  cost = tpu_specs.cost_stats(compiled, text)
   total = mem.pop("total")
   section["memory_per_chip"] = mem
   section["total_bytes_per_chip"] = total
@@ -186,16 +191,17 @@ def analyze(attempt: dict[str, Any], *, devices_per_chip: int, chip: tpu_specs.C
     section["flops_per_chip"] = cost["flops"] * k
   if cost["bytes_accessed"] is not None:
     section["bytes_accessed_per_chip"] = cost["bytes_accessed"] * k
+  section["cost_analysis_raw"], section["unmodelled_custom_calls"] = cost["raw"], cost["unmodelled"]
+  section["roofline_step_seconds"] = tpu_specs.roofline_seconds(
+      section["flops_per_chip"], section["bytes_accessed_per_chip"], chip)
   t = cost["optimal_seconds"]
   if t:
     section["estimated_step_seconds"] = t
     section["estimated_clips_per_second_per_chip"] = clips / num_chips / t
     if chip is not None and section["flops_per_chip"] is not None:
       section["estimated_mfu"] = section["flops_per_chip"] / (t * chip.peak_bf16_flops)
-  try:
-    section["collectives"] = tpu_specs.collectives(compiled.as_text())
-  except Exception:  # No text for this executable.
-    pass
+  if text is not None:
+    section["collectives"] = tpu_specs.collectives(text)
   return section
 
 
@@ -347,6 +353,7 @@ def make_report(config: ml_collections.ConfigDict, *, topology: str | None = Non
       "num_chips": num_chips, "num_devices": len(devices), "devices_per_chip": per_chip,
       "mesh_shape": [int(mesh.shape[sharding.DATA]), int(mesh.shape[sharding.MODEL])],
       "chip": None if chip is None else {"name": chip.name, "hbm_bytes": chip.hbm_bytes,
+                                         "hbm_bytes_per_second": chip.hbm_bytes_per_second,
                                          "peak_bf16_flops": chip.peak_bf16_flops, "source": chip.source},
       "config": {"dataset": cfg.get("dataset"), "variant": cfg.model.get("variant"),
                  "num_frames": int(cfg.num_frames), "image_size": int(cfg.image_size),
@@ -421,8 +428,8 @@ def format_report(r: dict[str, Any]) -> str:
            f"device(s) per chip; mesh data={r['mesh_shape'][0]} model={r['mesh_shape'][1]}"]
   chip = r["chip"]
   if chip:
-    lines.append(f"chip: {chip['hbm_bytes'] / tpu_specs.GiB:.0f} GiB HBM, {chip['peak_bf16_flops'] / 1e12:.0f} "
-                 f"TFLOP/s bf16 peak (published: {chip['source']})")
+    lines.append(f"chip: {chip['hbm_bytes'] / tpu_specs.GiB:.0f} GiB HBM at {chip['hbm_bytes_per_second'] / 1e9:.0f} "
+                 f"GB/s, {chip['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16 peak (published: {chip['source']})")
   if r["platform"] == "tpu":
     lines.append("Every time and FLOP count is the TPU compiler's cost-model estimate: nothing ran on a TPU.")
   for name in ("train", "eval"):
@@ -448,6 +455,15 @@ def format_report(r: dict[str, Any]) -> str:
       mfu = "" if s["estimated_mfu"] is None else f", MFU {100 * s['estimated_mfu']:.0f}%"
       lines.append(f"  compiler's estimated step time: {_secs(s['estimated_step_seconds'])} -> "
                    f"{s['estimated_clips_per_second_per_chip']:.1f} clips/s per chip{mfu}")
+      if s["unmodelled_custom_calls"]:
+        calls = ", ".join(f"{n} x {t}" for t, n in s["unmodelled_custom_calls"].items())
+        lines.append(f"    (cost model: no cost for {calls}; counted as free, raw optimal_seconds "
+                     f"{s['cost_analysis_raw']['optimal_seconds']:.4g})")
+    elif s["cost_analysis_raw"] and s["cost_analysis_raw"].get("optimal_seconds") is not None:
+      lines.append(f"  compiler's estimated step time: none (optimal_seconds {s['cost_analysis_raw']['optimal_seconds']:.4g})")
+    if s["roofline_step_seconds"] is not None:
+      lines.append(f"  roofline bound max(FLOPs / peak, bytes accessed / HBM bandwidth): "
+                   f"{_secs(s['roofline_step_seconds'])}")
     if s.get("measured_step_seconds") is not None:
       t = s["measured_step_seconds"]
       lines.append(f"  measured step time (median): {_secs(t)} -> {s['clips_per_chip'] / t:.1f} clips/s per chip")

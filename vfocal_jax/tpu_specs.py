@@ -1,9 +1,10 @@
 """What the compiler does not say about a TPU chip, and what ``plan`` reads from a compiled step.
 
-``CHIPS``: HBM capacity and peak bf16 throughput per chip, keyed by
-``jax.Device.device_kind``, as published in the Cloud TPU system-architecture
-pages (https://cloud.google.com/tpu/docs/v2, .../v3, .../v4, .../v5e, .../v5p,
-.../v6e: "Peak compute per chip (bf16)" and "HBM capacity per chip"). The pages
+``CHIPS``: HBM capacity, HBM bandwidth and peak bf16 throughput per chip,
+keyed by ``jax.Device.device_kind``, as published in the Cloud TPU
+system-architecture pages (https://cloud.google.com/tpu/docs/v2, .../v3,
+.../v4, .../v5e, .../v5p, .../v6e: "Peak compute per chip (bf16)", "HBM
+capacity" and "HBM bandwidth" per chip). The pages
 give HBM in GiB for v2-v4 and in "GB" for v5e/v5p/v6e; the runtime's usable
 limit matches GiB (the v5e compiler reports 15.75G available of 16 GiB, the
 rest being its reserve), so GiB is used throughout.
@@ -32,20 +33,21 @@ class ChipSpec:
   name: str                 # Cloud TPU name: v5e, v5p, ...
   hbm_bytes: int            # Per chip.
   peak_bf16_flops: float    # Per chip, dense bf16, per second.
+  hbm_bytes_per_second: float  # Per chip.
   tensorcores: int          # Per chip.
-  source: str               # Where the two figures come from.
+  source: str               # Where the figures come from.
 
 
 _DOCS = "https://cloud.google.com/tpu/docs/"
 CHIPS: dict[str, ChipSpec] = {
-    "TPU v2": ChipSpec("v2", 16 * GiB, 45e12, 2, _DOCS + "v2"),
-    "TPU v3": ChipSpec("v3", 32 * GiB, 123e12, 2, _DOCS + "v3"),
-    "TPU v4": ChipSpec("v4", 32 * GiB, 275e12, 2, _DOCS + "v4"),
-    "TPU v5 lite": ChipSpec("v5e", 16 * GiB, 197e12, 1, _DOCS + "v5e"),
-    "TPU v5": ChipSpec("v5p", 95 * GiB, 459e12, 2, _DOCS + "v5p"),
-    "TPU v5p": ChipSpec("v5p", 95 * GiB, 459e12, 2, _DOCS + "v5p"),
-    "TPU v6 lite": ChipSpec("v6e", 32 * GiB, 918e12, 1, _DOCS + "v6e"),
-    "TPU v6e": ChipSpec("v6e", 32 * GiB, 918e12, 1, _DOCS + "v6e"),
+    "TPU v2": ChipSpec("v2", 16 * GiB, 45e12, 600e9, 2, _DOCS + "v2"),
+    "TPU v3": ChipSpec("v3", 32 * GiB, 123e12, 900e9, 2, _DOCS + "v3"),
+    "TPU v4": ChipSpec("v4", 32 * GiB, 275e12, 1200e9, 2, _DOCS + "v4"),
+    "TPU v5 lite": ChipSpec("v5e", 16 * GiB, 197e12, 819e9, 1, _DOCS + "v5e"),
+    "TPU v5": ChipSpec("v5p", 95 * GiB, 459e12, 2765e9, 2, _DOCS + "v5p"),
+    "TPU v5p": ChipSpec("v5p", 95 * GiB, 459e12, 2765e9, 2, _DOCS + "v5p"),
+    "TPU v6 lite": ChipSpec("v6e", 32 * GiB, 918e12, 1638e9, 1, _DOCS + "v6e"),
+    "TPU v6e": ChipSpec("v6e", 32 * GiB, 918e12, 1638e9, 1, _DOCS + "v6e"),
 }
 
 
@@ -91,8 +93,17 @@ def memory_stats(compiled) -> dict[str, int | None]:
   return out
 
 
-def cost_stats(compiled) -> dict[str, float | None]:
-  """Per-device ``flops``, ``bytes_accessed``, ``transcendentals`` and ``optimal_seconds`` (None if absent)."""
+def cost_stats(compiled, hlo_text: str | None = None) -> dict[str, Any]:
+  """Per-device ``flops``, ``bytes_accessed``, ``transcendentals``, ``optimal_seconds`` from ``cost_analysis()``.
+
+  XLA's cost analysis books every custom call outside a fusion at -1 second,
+  -1 FLOP and -1 byte ("unknown"), so a program with N of them reports
+  ``optimal_seconds`` near ``estimate - N`` (the TPU compiler emits
+  ``ConcatBitcast`` custom calls, free bitcasts, once channels grow). Given the
+  compiled module's text, the N are counted (``unmodelled``: target -> count)
+  and added back, i.e. counted as free; the raw figures stay under ``raw``.
+  A figure still negative after that is None.
+  """
   try:
     ca = compiled.cost_analysis()
   except Exception:
@@ -100,9 +111,49 @@ def cost_stats(compiled) -> dict[str, float | None]:
   if isinstance(ca, (list, tuple)):  # Older JAX: one dict per program.
     ca = ca[0] if ca else None
   ca = ca or {}
-  get = lambda k: float(ca[k]) if k in ca and ca[k] is not None and float(ca[k]) >= 0 else None
-  return {"flops": get("flops"), "bytes_accessed": get("bytes accessed"),
-          "transcendentals": get("transcendentals"), "optimal_seconds": get("optimal_seconds")}
+  keys = {"flops": "flops", "bytes_accessed": "bytes accessed", "transcendentals": "transcendentals",
+          "optimal_seconds": "optimal_seconds"}
+  raw = {k: (float(ca[v]) if ca.get(v) is not None else None) for k, v in keys.items()}
+  unmodelled = unmodelled_custom_calls(hlo_text) if hlo_text else {}
+  n = sum(unmodelled.values())
+  out: dict[str, Any] = {}
+  for k, v in raw.items():
+    if v is not None and k != "transcendentals":
+      v += n
+    out[k] = v if v is not None and v >= 0 and not (k == "optimal_seconds" and v == 0) else None
+  out["raw"], out["unmodelled"] = raw, unmodelled
+  return out
+
+
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_FUSION_CALLS = re.compile(r"\sfusion\(.*?calls=%?([\w.\-]+)")
+_CUSTOM_CALL = re.compile(r"\scustom-call\(.*?custom_call_target=\"([^\"]+)\"")
+
+
+def unmodelled_custom_calls(hlo_text: str) -> dict[str, int]:
+  """Custom calls outside fused computations (the ones XLA's cost analysis books at -1), by target."""
+  fused = set(_FUSION_CALLS.findall(hlo_text))
+  counts: dict[str, int] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    if line and not line[0].isspace():
+      m = _COMPUTATION.match(line)
+      if m:
+        current = m.group(1)
+      continue
+    if current in fused:
+      continue
+    m = _CUSTOM_CALL.search(line)
+    if m:
+      counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+  return counts
+
+
+def roofline_seconds(flops: float | None, bytes_accessed: float | None, chip: ChipSpec | None) -> float | None:
+  """``max(FLOPs / peak, bytes / HBM bandwidth)`` per chip: a lower bound from the published rates."""
+  if chip is None or flops is None or bytes_accessed is None:
+    return None
+  return max(flops / chip.peak_bf16_flops, bytes_accessed / chip.hbm_bytes_per_second)
 
 
 _DTYPE_BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "f16": 16, "bf16": 16,
