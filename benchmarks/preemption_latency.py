@@ -70,7 +70,7 @@ def build_demo_data(directory: pathlib.Path) -> None:
 
 
 def run_row(name: str, *, repo: pathlib.Path, workdir: pathlib.Path, demo_dir: pathlib.Path,
-            timeout: float = 900.0) -> dict:
+            timeout: float = 900.0, delay: float = 0.0) -> dict:
   marker, count, extra, _ = ROWS[name]
   cmd = [sys.executable, str(repo / "main.py"), "train", f"--workdir={workdir}",
          f"--config.demo_data_dir={demo_dir}", *TINY, *extra]
@@ -92,8 +92,9 @@ def run_row(name: str, *, repo: pathlib.Path, workdir: pathlib.Path, demo_dir: p
       if not signalled.is_set() and pattern.search(line):
         seen += 1
         if seen >= count:
+          time.sleep(delay)
           proc.send_signal(signal.SIGTERM)
-          row["signal_s"] = now - t0
+          row["signal_s"] = time.monotonic() - t0
           signalled.set()
       elif signalled.is_set() and row["committed_s"] is None:
         m = COMMITTED.search(line)
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
   parser.add_argument("--demo_data_dir", default="",
                       help="full-size demo shards (`main.py` builds them in <workdir>/demo_data): run the demo "
                            "config as it is (model, batch, pipeline) instead of the tiny overrides")
+  parser.add_argument("--signal_delay", type=float, default=0.0, help="seconds from the marker to the signal")
   args = parser.parse_args(argv)
   root, repo = pathlib.Path(args.root), pathlib.Path(args.repo).resolve()
   root.mkdir(parents=True, exist_ok=True)
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     reuse = ROWS[name][3]
     workdir = workdirs.get(reuse) or root / f"run_{name}_{int(time.time())}"
     workdirs[name] = workdir
-    row = run_row(name, repo=repo, workdir=workdir, demo_dir=demo_dir)
+    row = run_row(name, repo=repo, workdir=workdir, demo_dir=demo_dir, delay=args.signal_delay)
     print(format_table([row]).splitlines()[-1], flush=True)
     rows.append(row)
   print(format_table(rows))

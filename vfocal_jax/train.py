@@ -314,9 +314,9 @@ def _train_and_evaluate(config, workdir, checkpoint, *, train_iter, steps_per_ep
         report(step)
         log(step)
         stop = preemption.reached(step)
-        with report.timed("eval"):
+        with report.timed("eval", wait_jax_async_dispatch=False):
           eval_metrics = None if stop else periodic_eval(step, state)
-        with report.timed("checkpoint"):
+        with report.timed("checkpoint", wait_jax_async_dispatch=False):
           ckpt(step, state, metrics=eval_metrics, force=stop or eval_metrics is not None)
         if stop:
           ckpt.wait()
