@@ -47,8 +47,12 @@ class Loaded:
 
 
 def model_kwargs(model_config: Mapping[str, Any] | ml_collections.ConfigDict) -> dict[str, Any]:
-  """``config.model`` (a ConfigDict, or JSON) as ``create_model`` arguments: lists -> tuples, dtype names -> dtypes."""
+  """``config.model`` (a ConfigDict, or JSON) as ``create_model`` arguments.
+
+  Lists become tuples, dtype names dtypes, and fields left None take the variant's value.
+  """
   kwargs = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
+  kwargs = {k: v for k, v in kwargs.items() if v is not None}  # None: the variant's value.
   for key, value in list(kwargs.items()):
     if isinstance(value, list):
       kwargs[key] = tuple(value)

@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   # --- Where the videos are. ------------------------------------------------
-  # 'shards': TFRecord SequenceExamples written by `python -m data.make_shards`
+  # 'shards': TFRecord SequenceExamples written by `python -m vfocal_jax.data.make_shards`
   # (or any DMVR-convention shards). 'tfds': a tfds dataset with a video feature.
   c.source = "shards"
   # A directory (all *.tfrecord* files in it), a glob, or a comma-separated
@@ -25,7 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
   # the train shards when present.
   c.label_map = ""
   # Number of classes. -1: from dataset_info.json / label map / tfds info.
-  # Records whose label is outside [0, num_classes) are skipped and counted.
+  # A record whose label is outside [0, num_classes) stops the run with an error naming
+  # its shard (the head is the wrong size); corrupt records are skipped and counted.
   c.num_classes = -1
 
   # --- tfds source (source='tfds'). ----------------------------------------

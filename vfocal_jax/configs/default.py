@@ -44,6 +44,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Model: `create_model(**config.model)`; variant + VideoFocalNet field overrides.
   config.model = ml_collections.ConfigDict()
   config.model.variant = "tiny"
+  # None: the variant's value (T/S/B: docs/design.md); set any to build another architecture.
+  config.model.embed_dim = ml_collections.FieldReference(None, field_type=int)
+  config.model.depths = ml_collections.FieldReference(None, field_type=tuple)
+  config.model.focal_levels = ml_collections.FieldReference(None, field_type=tuple)
+  config.model.focal_windows = ml_collections.FieldReference(None, field_type=tuple)
   config.model.num_classes = 400
   config.model.num_frames = config.get_ref("num_frames")
   config.model.drop_path_rate = 0.2    # T 0.2 / S 0.3 / B 0.5.
