@@ -7,7 +7,8 @@ from absl import flags
 from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py")) if not p.endswith("__init__.py"))
+CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "vfocal_jax", "configs", "*.py"))
+                 if os.path.basename(p) not in ("__init__.py", "data.py"))  # data.py: config.data's fields only.
 
 # (file, variant, classes, drop_path, flip) from configs/<dataset>/video-focalnet_<size>.yaml of the release.
 OFFICIAL = [("k400_tiny", "tiny", 400, 0.2, 0.5), ("k400_small", "small", 400, 0.3, 0.5),
@@ -42,6 +43,13 @@ def test_official_recipes(name, variant, classes, drop_path, flip):
 def test_every_config_loads_and_overrides(path):
   c = _parse(path, "--config.num_frames=16", "--config.mesh_shape=(2,4)")
   assert c.model.num_frames == 16 and tuple(c.mesh_shape) == (2, 4)
+
+
+def test_architecture_fields_override_the_variant():
+  from vfocal_jax import artifacts
+  c = _parse(os.path.join(ROOT, "configs", "k400_base.py"), "--config.model.focal_levels=(1,1,1,1)")
+  model = artifacts.build_model(c)
+  assert (model.embed_dim, tuple(model.depths), tuple(model.focal_levels)) == (128, (2, 2, 18, 2), (1, 1, 1, 1))
 
 
 def test_misspelt_or_ill_typed_field_names_the_field():
