@@ -2,11 +2,13 @@
 
 SGD (the official optimizer), not Adam: Adam's scale invariance would hide a
 gradient that is off by a constant factor, e.g. a sharded depthwise-conv kernel
-gradient off by the 'model' axis size, as XLA's grouped convolution once was.
+gradient off by the 'model' axis size, as XLA's grouped convolution's is.
 
 On CPU ``depthwise_impl='auto'`` picks the shifted multiplies; TPU and GPU run
-XLA's grouped convolution (``'xla'``), so the last test repeats a sharded step
-on that path (against the unsharded step, which must agree whichever path).
+XLA's grouped convolution (``'xla'``). The gradient tests at the end compare
+each parameter's gradient with the unsharded one at that leaf's own scale, on
+both paths (the step tests cannot see a wrong depthwise-kernel gradient: those
+updates are below float32 resolution at initialisation).
 """
 import jax
 import numpy as np
@@ -45,9 +47,49 @@ def test_sgd_step_matches_with_replicated_params(reference):
   _assert_same(run_steps(tiny_config(mesh_shape=(4, 2)), 1, rules=((r".*", None),)), reference)
 
 
-def test_sgd_step_matches_single_device_xla_depthwise(reference):
-  # The path TPU and GPU take (XLA's grouped convolution) in the setting of the depthwise-gradient bug: replicated
-  # kernels, a 'model' axis of 2. Against the unsharded step on the CPU path (shifted multiplies): the same maths.
-  # (Model-sharded kernels on this path also match; left out to keep the file's compile time down.)
-  config = tiny_config(mesh_shape=(4, 2), **{"model.depthwise_impl": "xla"})
-  _assert_same(run_steps(config, 1, rules=((r".*", None),)), reference)
+# --- Gradients, leaf by leaf. ---------------------------------------------------------------------
+# The step comparisons above use one absolute tolerance for every parameter. At initialisation the
+# depthwise (focal) kernels get updates of 1e-10..1e-8, below float32 resolution of the kernels themselves,
+# so a gradient off by any factor there passes them. These compare the gradients, each leaf against its
+# own scale.
+
+def _grads(config, mesh=None, rules=sharding.DEFAULT_RULES):
+  from multihost_worker import global_batch
+  from vfocal_jax import train
+  trainer = train.Trainer(config, steps_per_epoch=100, mesh=mesh, rules=rules)
+  state = trainer.init_state()
+  batch = trainer.put_batch(global_batch(0, config))
+
+  def grads(params, batch):
+    return train._loss_and_grads(trainer.model, params, batch["video"], batch["pixel_affine"], batch["label"],
+                                 jax.random.PRNGKey(0), config, trainer.num_classes)[2]
+
+  step = jax.jit(grads, in_shardings=(trainer.state_sharding.params, trainer.batch_sharding),
+                 out_shardings=trainer.state_sharding.params)
+  with trainer.mesh:
+    return traverse_util.flatten_dict(sharding.to_host(step(state.params, batch)), sep="/")
+
+
+@pytest.fixture(scope="module")
+def reference_grads():
+  return _grads(tiny_config(mesh_shape=(1, 1), num_frames=2), mesh=sharding.create_mesh((1, 1), jax.devices()[:1]))
+
+
+XLA_BUG = ("XLA's kernel gradient of a grouped convolution with the batch over 'data' comes out multiplied by the "
+           "'model' axis size (docs/design.md); depthwise_impl='shift' is right")
+
+
+@pytest.mark.parametrize("impl,mesh_shape", [
+    ("shift", (4, 2)),
+    # TPU/GPU's path with a 'model' axis. (With mesh_shape (8, 1), no 'model' axis, it matches: checked, left out
+    # to keep the compile time down.) Strict: when XLA is fixed this fails, and the mark should go.
+    pytest.param("xla", (4, 2), marks=pytest.mark.xfail(strict=True, reason=XLA_BUG)),
+])
+def test_gradients_match_single_device(reference_grads, impl, mesh_shape):
+  config = tiny_config(mesh_shape=mesh_shape, num_frames=2, **{"model.depthwise_impl": impl})
+  grads = _grads(config, rules=((r".*", None),))
+  assert grads.keys() == reference_grads.keys()
+  assert any("focal_layers_0" in k for k in grads)
+  for key, ref in reference_grads.items():
+    scale = float(np.max(np.abs(ref)))
+    np.testing.assert_allclose(grads[key], ref, rtol=1e-3, atol=1e-3 * scale + 1e-30, err_msg=key)
