@@ -362,7 +362,7 @@ def make_report(config: ml_collections.ConfigDict, *, topology: str | None = Non
                  "batch_size": int(cfg.batch_size), "accumulation_steps": accum,
                  "eval_batch_size": int(cfg.eval_batch_size), "eval_views": views},
       "estimates": "compiler cost model" if not local else "compiler cost model, where the backend gives one",
-      "unknown": []}
+      "unknown": [], "warnings": []}
   steps = compile_steps(cfg, mesh)
   common = dict(devices_per_chip=per_chip, chip=chip, hbm_bytes=hbm, num_chips=num_chips)
   b = int(cfg.batch_size) * accum
@@ -370,6 +370,10 @@ def make_report(config: ml_collections.ConfigDict, *, topology: str | None = Non
   report["eval"] = analyze(steps["eval"], clips=int(cfg.eval_batch_size) * views, videos=int(cfg.eval_batch_size),
                            **common)
   unknown = report["unknown"]
+  if report["mesh_shape"][1] > 1 and report["config"]["depthwise_impl"] == "xla":
+    report["warnings"].append(
+        "depthwise_impl='xla' with a 'model' axis > 1: XLA's sharded grouped-conv kernel gradient comes out "
+        "multiplied by the 'model' axis size (docs/design.md); train with --config.model.depthwise_impl=shift")
   if hbm is None:
     unknown.append(f"memory capacity of a {kind} device (fits is unknown)")
   if chip is None:
@@ -478,4 +482,6 @@ def format_report(r: dict[str, Any]) -> str:
                  f"({v['compiles']} compiles, {v['seconds']:.0f} s)")
   for u in r["unknown"]:
     lines.append(f"unknown: {u}")
+  for w in r.get("warnings", []):
+    lines.append(f"warning: {w}")
   return "\n".join(lines)
