@@ -339,6 +339,9 @@ def make_report(config: ml_collections.ConfigDict, *, topology: str | None = Non
                 measure: bool = False, log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Any]]:
   """``run`` without printing: the report and the compile attempts (``compile_steps``) it was read from."""
   local = topology in (None, "", LOCAL)
+  if not local and not os.environ.get("JAX_PLATFORMS") and not jax.config.jax_platforms:
+    # Host-side work only (shapes, meshes): never claim this machine's own accelerator (a TPU VM in use).
+    jax.config.update("jax_platforms", "cpu")
   devices = target_devices(topology)
   platform, kind = devices[0].platform, devices[0].device_kind
   num_chips, per_chip = tpu_specs.chip_layout(devices)
