@@ -17,6 +17,7 @@ import gzip
 import json
 import os
 import sys
+import types
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
@@ -48,6 +49,24 @@ def run_row(row: str, out_dir: str, search_batch: bool) -> dict:
     if steps[name]["compiled"] is not None:
       with gzip.open(os.path.join(out_dir, f"{row_name(row)}_{name}.hlo.txt.gz"), "wt") as f:
         f.write(steps[name]["compiled"].as_text())
+  return report
+
+
+def reanalyze(report: dict, out_dir: str) -> dict:
+  """Recomputes the cost-derived figures of a saved row from its raw cost analysis and saved HLO (no compile)."""
+  from vfocal_jax import plan, tpu_specs
+  chip = tpu_specs.chip_spec(report["device_kind"])
+  for name in ("train", "eval"):
+    s, path = report[name], os.path.join(out_dir, f"{row_name(report['row'])}_{name}.hlo.txt.gz")
+    raw = s.get("cost_analysis_raw")
+    if not raw or not os.path.exists(path):
+      continue
+    ca = {"flops": raw["flops"], "bytes accessed": raw["bytes_accessed"], "transcendentals": raw["transcendentals"],
+          "optimal_seconds": raw["optimal_seconds"]}
+    with gzip.open(path, "rt") as f:
+      text = f.read()
+    cost = tpu_specs.cost_stats(types.SimpleNamespace(cost_analysis=lambda ca=ca: ca), text)
+    plan.apply_cost(s, cost, chip=chip, devices_per_chip=report["devices_per_chip"])
   return report
 
 
@@ -91,6 +110,9 @@ def main():
   parser.add_argument("--out_dir", default=os.path.join(ROOT, "workdir_plan"), help="One JSON per row.")
   parser.add_argument("--search_batch", action="store_true", help="Also search the largest batch per chip.")
   parser.add_argument("--table_only", action="store_true", help="Print the table of the rows in out_dir.")
+  parser.add_argument("--reanalyze", action="store_true",
+                      help="With --table_only: recompute the cost figures of the saved rows from their raw cost "
+                           "analysis and HLO (after a change to how they are read), and save them.")
   args = parser.parse_args()
   os.makedirs(args.out_dir, exist_ok=True)
   if not args.table_only:
@@ -99,7 +121,14 @@ def main():
   reports = []
   for path in sorted(glob.glob(os.path.join(args.out_dir, "*.json"))):
     with open(path) as f:
-      reports.append(json.load(f))
+      report = json.load(f)
+    if args.reanalyze and "row" in report:
+      from vfocal_jax import plan
+      report = reanalyze(report, args.out_dir)
+      with open(path, "w") as f:
+        json.dump(report, f, indent=2, sort_keys=True)
+      print(plan.format_report(report), "\n")
+    reports.append(report)
   print(table(reports))
 
 

@@ -187,22 +187,26 @@ def analyze(attempt: dict[str, Any], *, devices_per_chip: int, chip: tpu_specs.C
   section["total_bytes_per_chip"] = total
   if total is not None and hbm_bytes:
     section["fits"] = total <= hbm_bytes
-  if cost["flops"] is not None:
-    section["flops_per_chip"] = cost["flops"] * k
-  if cost["bytes_accessed"] is not None:
-    section["bytes_accessed_per_chip"] = cost["bytes_accessed"] * k
+  apply_cost(section, cost, chip=chip, devices_per_chip=k)
+  if text is not None:
+    section["collectives"] = tpu_specs.collectives(text)
+  return section
+
+
+def apply_cost(section: dict[str, Any], cost: dict[str, Any], *, chip: tpu_specs.ChipSpec | None,
+               devices_per_chip: int) -> None:
+  """Fills a section's FLOPs, bytes, estimated time, clips/s, MFU and roofline from ``tpu_specs.cost_stats``."""
+  k = devices_per_chip
+  section["flops_per_chip"] = None if cost["flops"] is None else cost["flops"] * k
+  section["bytes_accessed_per_chip"] = None if cost["bytes_accessed"] is None else cost["bytes_accessed"] * k
   section["cost_analysis_raw"], section["unmodelled_custom_calls"] = cost["raw"], cost["unmodelled"]
   section["roofline_step_seconds"] = tpu_specs.roofline_seconds(
       section["flops_per_chip"], section["bytes_accessed_per_chip"], chip)
   t = cost["optimal_seconds"]
-  if t:
-    section["estimated_step_seconds"] = t
-    section["estimated_clips_per_second_per_chip"] = clips / num_chips / t
-    if chip is not None and section["flops_per_chip"] is not None:
-      section["estimated_mfu"] = section["flops_per_chip"] / (t * chip.peak_bf16_flops)
-  if text is not None:
-    section["collectives"] = tpu_specs.collectives(text)
-  return section
+  section["estimated_step_seconds"] = t
+  section["estimated_clips_per_second_per_chip"] = section["clips_per_chip"] / t if t else None
+  section["estimated_mfu"] = (section["flops_per_chip"] / (t * chip.peak_bf16_flops)
+                              if t and chip is not None and section["flops_per_chip"] is not None else None)
 
 
 # --- Batch search and measurement. -----------------------------------------------------------
