@@ -390,7 +390,9 @@ def make_report(config: ml_collections.ConfigDict, *, topology: str | None = Non
     if s["ok"] and s["total_bytes_per_chip"] is None:
       unknown.append(f"{name}: part of memory_analysis() on {platform}")
     if s["ok"] and s["estimated_step_seconds"] is None:
-      unknown.append(f"{name}: the compiler's step-time estimate (no optimal_seconds on {platform})")
+      raw = (s["cost_analysis_raw"] or {}).get("optimal_seconds")
+      why = f"no optimal_seconds on {platform}" if raw is None else f"unusable optimal_seconds {raw:.4g}"
+      unknown.append(f"{name}: the compiler's step-time estimate ({why})")
   if measure:
     if not local:
       unknown.append("measured step time: measure needs the devices at hand (topology=local)")
