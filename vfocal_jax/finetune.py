@@ -20,7 +20,7 @@ from flax import traverse_util
 
 from vfocal_jax import artifacts, model_card
 
-__all__ = ["classes_from_data", "pretrained_params", "merge_pretrained"]
+__all__ = ["classes_from_data", "check_pretrained", "load_params", "merge_pretrained"]
 
 
 def classes_from_data(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, list[str] | None]:
@@ -45,8 +45,8 @@ def classes_from_data(config: ml_collections.ConfigDict) -> tuple[ml_collections
   return config, names
 
 
-def pretrained_params(config: ml_collections.ConfigDict, source: str, *, overrides: Iterable[str] = ()) -> Any:
-  """Host parameters of the converted checkpoint or workdir ``source``, checked against ``config``'s model.
+def check_pretrained(config: ml_collections.ConfigDict, source: str, *, overrides: Iterable[str] = ()) -> None:
+  """Checks the converted checkpoint or workdir ``source`` against ``config``'s model, reading only its card.
 
   Raises:
     model_card.CardMismatchError: an architecture field other than the class
@@ -55,6 +55,10 @@ def pretrained_params(config: ml_collections.ConfigDict, source: str, *, overrid
   card = artifacts.read_card(source, config)
   fields = [f for f in card.fields if f.startswith("model.") and f != "model.num_classes"]
   artifacts.configure(config, card, config_given=True, overrides=overrides, fields=fields, source=source)
+
+
+def load_params(source: str) -> Any:
+  """Host parameters of the converted checkpoint or workdir ``source``."""
   if artifacts.artifact_kind(source) == "converted":
     from vfocal_jax import params_io  # pylint: disable=import-outside-toplevel
     return params_io.load_params(source)

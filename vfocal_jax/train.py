@@ -194,10 +194,15 @@ def create_train_iterator(config: ml_collections.ConfigDict) -> Iterator[dict[st
 
 def steps_per_epoch_for(config: ml_collections.ConfigDict) -> int:
   """Optimizer updates per epoch from the train split size (or ``config.num_train_examples``)."""
-  n = int(config.get("num_train_examples", -1))
+  n = int(config.num_train_examples)
   if n <= 0:
     from vfocal_jax import input_pipeline
     n = input_pipeline.get_dataset_info(config.data, "train").num_examples
+    if not n and config.num_train_steps > 0:
+      logging.warning("The train split size is unknown (no dataset_info.json beside the shards): an epoch is "
+                      "taken as the whole run (%d steps) for eval_every_epochs and the warm-up in epochs.",
+                      config.num_train_steps)
+      return int(config.num_train_steps)
     if not n:
       raise ValueError("The train split size is unknown (no dataset_info.json beside the shards): "
                        "set --config.num_train_examples or --config.num_train_steps.")
@@ -251,7 +256,8 @@ def _train_and_evaluate(config, workdir, checkpoint, *, train_iter, steps_per_ep
   quiet_orbax_logs()
   config, class_names = finetune.classes_from_data(config)
   init_from = checkpoint or config.init_checkpoint or None
-  pretrained = finetune.pretrained_params(config, init_from, overrides=overrides) if init_from else None
+  if init_from:  # Before anything is written: the checkpoint's architecture must be the config's.
+    finetune.check_pretrained(config, init_from, overrides=overrides)
   if steps_per_epoch is None:
     steps_per_epoch = steps_per_epoch_for(config)
   trainer = Trainer(config, steps_per_epoch)
@@ -274,8 +280,8 @@ def _train_and_evaluate(config, workdir, checkpoint, *, train_iter, steps_per_ep
   state = checkpoints.restore_latest(manager, trainer.abstract_target(), train_iter)
   if state is None:
     state = trainer.init_state()
-    if pretrained is not None:
-      merged, reinit = finetune.merge_pretrained(sharding.to_host(state.params), pretrained)
+    if init_from:  # A fresh run; a resumed one has its own weights (the source may even be gone).
+      merged, reinit = finetune.merge_pretrained(sharding.to_host(state.params), finetune.load_params(init_from))
       logging.info("Fine-tuning from %s; re-initialised (%d classes here, the checkpoint's head differs, or "
                    "missing there): %s", init_from, trainer.num_classes, reinit or "nothing")
       state = trainer.place_params(state, merged)
