@@ -106,17 +106,34 @@ def synthetic_eval_batches(config, n=5):
   return [{"video": video, "label": rng.integers(0, NUM_CLASSES, 8).astype(np.int32), "mask": np.arange(8) < n}]
 
 
+def _barrier(name: str) -> None:
+  """Waits for every process (the coordination service's barrier, not a collective: no 30 s Gloo deadline)."""
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  if distributed.global_state.client is not None:
+    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=600_000)
+
+
 def run_steps(config, num_steps: int, mesh=None, **trainer_kwargs):
-  """Trains ``num_steps`` steps; returns per-step losses and the final params (host NumPy)."""
+  """Trains ``num_steps`` steps; returns per-step losses and the final params (host NumPy).
+
+  Both programs are compiled before the first one runs, and the processes
+  meet at a barrier then: on a loaded machine their compiles can end more than
+  Gloo's 30 s connection deadline apart.
+  """
   import jax
   from vfocal_jax import sharding, train
   trainer = train.Trainer(config, steps_per_epoch=100, mesh=mesh, **trainer_kwargs)
-  state = trainer.init_state()
+  key = jax.random.PRNGKey(config.seed)
+  init = jax.jit(trainer._init, out_shardings=trainer.state_sharding).lower(key).compile()  # pylint: disable=protected-access
   it = StreamIterator(config, jax.process_index(), jax.process_count())
+  batches = [trainer.put_batch(next(it)) for _ in range(num_steps)]
   losses = []
   with trainer.mesh:
-    for _ in range(num_steps):
-      state, metrics = trainer.train_step(state, trainer.put_batch(next(it)))
+    step = trainer.train_step.lower(trainer.abstract_target(), batches[0]).compile()
+    _barrier("run_steps_compiled")
+    state = init(key)
+    for batch in batches:
+      state, metrics = step(state, batch)
       losses.append(float(sharding.to_host(metrics.compute())["loss"]))
   return losses, sharding.to_host(state.params)
 

@@ -61,7 +61,7 @@ def _params_finite(params):
 
 @pytest.mark.parametrize("where", ["background commit", "synchronous save"])
 def test_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, caplog, where):
-  config = tiny_config(num_train_steps=6, checkpoint_every_steps=2, async_checkpointing=True)
+  config = tiny_config(mesh_shape=(4, 2), num_train_steps=6, checkpoint_every_steps=2, async_checkpointing=True)
   workdir = str(tmp_path / "run")
   it = StreamIterator(config)
   if where == "background commit":

@@ -68,19 +68,19 @@ def test_restart_reproduces_uninterrupted_run(tmp_path):
 
 
 def test_logged_windows_after_resume_equal_the_uninterrupted_run(tmp_path):
-  # Windows end at steps 3, 6 and 8 (the last step). The run is preempted after step 4, inside the
-  # window 4-6, and the checkpoints at 2 and 4 are not at window ends either.
-  config = tiny_config(num_train_steps=8, log_every_steps=3, checkpoint_every_steps=2)
+  # Windows end at step 5 and at the last step, 6. The run is preempted after step 3, inside the
+  # first window, which also spans the checkpoints of steps 2 and 4. (The compiled programs are
+  # those of the test above: log_every_steps is not part of them.)
+  config = tiny_config(mesh_shape=(4, 2), num_train_steps=6, checkpoint_every_steps=2, log_every_steps=5)
   uninterrupted = _run(config, str(tmp_path / "straight"), StreamIterator(config))["history"]
-  assert [s for s, _ in uninterrupted] == [3, 6, 8]
+  assert [s for s, _ in uninterrupted] == [5, 6]
 
   workdir = str(tmp_path / "resumed")
-  first = _run(config, workdir, _SigtermAt(config, at=3))
-  assert first["preempted_at"] == 4 and [s for s, _ in first["history"]] == [3]
+  first = _run(config, workdir, _SigtermAt(config, at=2))
+  assert first["preempted_at"] == 3 and first["history"] == []  # The open window 1-3 is in the checkpoint.
   second = _run(config, workdir, StreamIterator(config))
-  assert [s for s, _ in first["history"] + second["history"]] == [3, 6, 8]
-  np.testing.assert_allclose([v for _, v in first["history"] + second["history"]], [v for _, v in uninterrupted],
-                             rtol=1e-6)
+  assert [s for s, _ in second["history"]] == [5, 6]
+  np.testing.assert_allclose([v for _, v in second["history"]], [v for _, v in uninterrupted], rtol=1e-6)
 
 
 class _NanAt(StreamIterator):
@@ -96,7 +96,7 @@ class _NanAt(StreamIterator):
 
 
 def test_non_finite_loss_stops_and_names_the_last_checkpoint(tmp_path):
-  config = tiny_config(mesh_shape=(8, 1), num_train_steps=6, checkpoint_every_steps=2, log_every_steps=100)
+  config = tiny_config(mesh_shape=(4, 2), num_train_steps=6, checkpoint_every_steps=2, log_every_steps=100)
   workdir = str(tmp_path / "nan")
   with pytest.raises(train.NonFiniteLossError) as e:
     _run(config, workdir, _NanAt(config, at=2))
@@ -111,7 +111,7 @@ def test_non_finite_loss_stops_and_names_the_last_checkpoint(tmp_path):
 
 
 def test_non_finite_loss_before_any_checkpoint_says_so(tmp_path):
-  config = tiny_config(num_train_steps=6, checkpoint_every_steps=100, log_every_steps=2)
+  config = tiny_config(mesh_shape=(4, 2), num_train_steps=6, checkpoint_every_steps=100, log_every_steps=2)
   workdir = str(tmp_path / "nan0")
   with pytest.raises(train.NonFiniteLossError, match=r"no checkpoint was written yet") as e:
     _run(config, workdir, _NanAt(config, at=0))
