@@ -89,7 +89,7 @@ class Preemption:
       first = not self.requested
       self.requested = True
       if self._idle_note is not None and self.exit_process:
-        self._exit(f"SIGTERM during {self._idle_note}")
+        self._exit(f"SIGTERM during {self._idle_note}.")
     if first:
       logging.warning("SIGTERM: saving a checkpoint after this step, then exiting with status %d.",
                       EXIT_PREEMPTED)
@@ -113,7 +113,7 @@ class Preemption:
     with self._lock:
       self._idle_note = note
       if self.requested and self.exit_process:
-        self._exit(f"SIGTERM during {note}")
+        self._exit(f"SIGTERM during {note}.")
 
   def busy(self) -> None:
     """Progress not yet in a checkpoint exists: a SIGTERM now asks the loop to save first."""

@@ -306,9 +306,9 @@ def _train_and_evaluate(config, workdir, checkpoint, *, train_iter, steps_per_ep
   try:
     with trainer.mesh:
       if start < total:
-        logging.info("Step %d: compiling the train step.", start + 1)
         preemption.idle(f"the compilation of step {start + 1}: {checkpoints.describe_latest(ckpt.directory)}, "
                         "nothing else to lose")
+        logging.info("Step %d: compiling the train step.", start + 1)
       for step in range(start + 1, total + 1):
         batch = next(train_iter)
         state, step_metrics = trainer.train_step(state, trainer.put_batch(batch))
