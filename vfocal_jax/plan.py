@@ -143,6 +143,7 @@ def compile_steps(config, mesh, *, train: bool = True, eval: bool = True) -> dic
     except (jax.errors.JaxRuntimeError, ValueError, RuntimeError, TypeError) as e:
       attempt["error"] = tpu_specs.summarize_error(e)
       attempt["oom"] = tpu_specs.is_out_of_memory(e)
+      attempt["failed_after_seconds"] = time.perf_counter() - t0
   return out
 
 
@@ -168,6 +169,7 @@ def analyze(attempt: dict[str, Any], *, devices_per_chip: int, chip: tpu_specs.C
       "ok": attempt["compiled"] is not None, "error": attempt["error"], "global_batch": videos,
       "batch_per_chip": videos / num_chips, "clips_per_chip": clips / num_chips,
       "lower_seconds": attempt["lower_seconds"], "compile_seconds": attempt["compile_seconds"],
+      "failed_after_seconds": attempt.get("failed_after_seconds"),
       "hbm_bytes_per_chip": hbm_bytes, "fits": False if attempt["oom"] else None,
       "memory_per_chip": None, "total_bytes_per_chip": None, "flops_per_chip": None,
       "bytes_accessed_per_chip": None, "estimated_step_seconds": None, "estimated_clips_per_second_per_chip": None,
@@ -452,7 +454,8 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"{name} step: {what}" + (f" (lowered in {s['lower_seconds']:.0f} s, compiled in "
                                            f"{s['compile_seconds']:.0f} s)" if s["ok"] else ""))
     if not s["ok"]:
-      lines.append(f"  does not compile{' (does not fit)' if s['fits'] is False else ''}: {s['error']}")
+      after = f" (after {s['failed_after_seconds']:.0f} s)" if s.get("failed_after_seconds") else ""
+      lines.append(f"  does not compile{' (does not fit)' if s['fits'] is False else ''}{after}: {s['error']}")
       continue
     m = s["memory_per_chip"]
     lines.append(f"  memory per chip: arguments {_gib(m['argument'])}, temporaries {_gib(m['temp'])}, outputs "
