@@ -169,7 +169,9 @@ def run_command(command: str, config, *, config_given: bool, overrides: frozense
   artifact = dict(config_given=config_given, overrides=overrides)
   if command == "train":
     from vfocal_jax import train
+    from vfocal_jax import train_config
     from vfocal_jax.data import demo_dataset
+    train_config.validate(config)  # Before the demo shards or anything else are written.
     config = demo_dataset.prepare(config, FLAGS.workdir)
     train.train_and_evaluate(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, overrides=overrides)
   elif command == "eval":
