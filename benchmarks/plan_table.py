@@ -98,7 +98,8 @@ def table(reports: list[dict]) -> str:
       minutes = None if compile_s is None else f"{compile_s / 60:.1f} min"
       lines.append(
           f"| {c['variant']} {c['num_frames']}x{c['image_size']} {c['dtype']} | {r['topology']} ({r['num_chips']}) | "
-          f"{name} | {batch} | {_f(gib(s['total_bytes_per_chip']), '.2f')} | {_f(gib(s['hbm_bytes_per_chip']), '.0f')} | "
+          f"{name} | {batch} | {_f(gib(s['total_bytes_per_chip']), '.2f')} | "
+          f"{_f(gib(s['hbm_bytes_per_chip']), '.0f')} | "
           f"{fits} | {best} | {_f(ms, 's')} | {_f(s['estimated_clips_per_second_per_chip'], '.1f')} | {_f(mfu, 's')} | "
           f"{_f(tflop, '.2f')} | {_f(minutes, 's')} |")
   return "\n".join(lines)

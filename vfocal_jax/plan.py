@@ -450,7 +450,8 @@ def format_report(r: dict[str, Any]) -> str:
   for name in ("train", "eval"):
     s = r[name]
     what = (f"global batch {s['global_batch']} clips = {s['batch_per_chip']:g} per chip" if name == "train" else
-            f"global batch {s['global_batch']} videos x {c['eval_views']} views = {s['clips_per_chip']:g} clips per chip")
+            f"global batch {s['global_batch']} videos x {c['eval_views']} views = {s['clips_per_chip']:g} clips "
+            "per chip")
     lines.append(f"{name} step: {what}" + (f" (lowered in {s['lower_seconds']:.0f} s, compiled in "
                                            f"{s['compile_seconds']:.0f} s)" if s["ok"] else ""))
     if not s["ok"]:
@@ -476,7 +477,8 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"    (cost model: no cost for {calls}; counted as free, raw optimal_seconds "
                      f"{s['cost_analysis_raw']['optimal_seconds']:.4g})")
     elif s["cost_analysis_raw"] and s["cost_analysis_raw"].get("optimal_seconds") is not None:
-      lines.append(f"  compiler's estimated step time: none (optimal_seconds {s['cost_analysis_raw']['optimal_seconds']:.4g})")
+      raw = s["cost_analysis_raw"]["optimal_seconds"]
+      lines.append(f"  compiler's estimated step time: none (optimal_seconds {raw:.4g})")
     if s["roofline_step_seconds"] is not None:
       lines.append(f"  roofline bound max(FLOPs / peak, bytes accessed / HBM bandwidth): "
                    f"{_secs(s['roofline_step_seconds'])}")
