@@ -367,7 +367,7 @@ def make_report(config: ml_collections.ConfigDict, *, topology: str | None = Non
       "config": {"dataset": cfg.get("dataset"), "variant": cfg.model.get("variant"),
                  "num_frames": int(cfg.num_frames), "image_size": int(cfg.image_size),
                  "dtype": str(cfg.model.get("dtype")), "remat": bool(cfg.model.get("remat", False)),
-                 "fsdp": bool(cfg.get("fsdp", False)), "depthwise_impl": cfg.model.get("depthwise_impl", "auto"),
+                 "fsdp": bool(cfg.get("fsdp", False)), "depthwise_impl": _depthwise(cfg),
                  "batch_size": int(cfg.batch_size), "accumulation_steps": accum,
                  "eval_batch_size": int(cfg.eval_batch_size), "eval_views": views},
       "estimates": "compiler cost model" if not local else "compiler cost model, where the backend gives one",
@@ -409,6 +409,12 @@ def make_report(config: ml_collections.ConfigDict, *, topology: str | None = Non
       report["search_batch"] = search_batch_variants(cfg, mesh, hbm_bytes=hbm, devices_per_chip=per_chip,
                                                      num_chips=num_chips, platform=platform, log=log)
   return report, steps
+
+
+def _depthwise(cfg) -> str:
+  """The depthwise implementation the compiled model uses ('auto' is resolved for the host = the target here)."""
+  from vfocal_jax.models.layers import resolve_depthwise_impl
+  return resolve_depthwise_impl(cfg.model.get("depthwise_impl", "auto"))
 
 
 def _measure(report, steps, cfg, mesh) -> None:
