@@ -15,10 +15,6 @@ from flax import traverse_util
 from vfocal_jax import checkpoints
 from vfocal_jax.preemption import EXIT_PREEMPTED
 
-models = pytest.importorskip("vfocal_jax.models")
-if not hasattr(models, "create_model"):
-  pytest.skip("vfocal_jax.models has no create_model yet", allow_module_level=True)
-
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 ROOT = os.path.dirname(os.path.dirname(WORKER))
 PROMPT_S = 60  # Generous: the measured exits take well under a few seconds (docs/training.md).

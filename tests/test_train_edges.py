@@ -14,10 +14,6 @@ from vfocal_jax import checkpoints, evaluate, train, train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-models = pytest.importorskip("vfocal_jax.models")
-if not hasattr(models, "create_model"):
-  pytest.skip("vfocal_jax.models has no create_model yet", allow_module_level=True)
-
 
 @pytest.fixture(autouse=True)
 def _synthetic_eval(monkeypatch):

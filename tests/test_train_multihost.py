@@ -6,11 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
-
-models = pytest.importorskip("vfocal_jax.models")
-if not hasattr(models, "create_model"):
-  pytest.skip("vfocal_jax.models has no create_model yet", allow_module_level=True)
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 ROOT = os.path.dirname(os.path.dirname(WORKER))

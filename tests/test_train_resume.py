@@ -11,10 +11,6 @@ from flax import traverse_util
 from multihost_worker import StreamIterator, run_steps, synthetic_eval_batches, tiny_config
 from vfocal_jax import checkpoints, evaluate, train
 
-models = pytest.importorskip("vfocal_jax.models")
-if not hasattr(models, "create_model"):
-  pytest.skip("vfocal_jax.models has no create_model yet", allow_module_level=True)
-
 
 @pytest.fixture(autouse=True)
 def _synthetic_eval(monkeypatch):
