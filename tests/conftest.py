@@ -3,10 +3,14 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Must be set before jax is imported anywhere; subprocesses (the multi-host test) inherit them.
-# LLVM's cheap pipeline: the test models are tiny, so compiling dominates (about a third less CPU time, measured
-# on tests/test_predict.py); no test asserts a time.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+# Must be set before jax is imported anywhere; subprocesses inherit them.
+# 8 simulated CPU devices, through JAX's own setting, so that a subprocess can ask for another count
+# (JAX_NUM_CPU_DEVICES=1) and keep the XLA flags.
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
+# XLA's cheapest CPU compiles: the test models are tiny, so compiling dominates the suite. LLVM's cheap
+# pipeline, and the elemental emitters instead of jax 0.10's fusion emitters: a tiny train step compiles
+# in about 40% of the CPU time (benchmarks/compile_flags.py). No test asserts a time.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # libtpu is installed for the TPU-compile tests (`plan`): keep JAX on the CPU and keep libtpu
 # from looking for a TPU VM's metadata server.

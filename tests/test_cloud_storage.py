@@ -44,7 +44,7 @@ TINY = ["--config=demo", "--config.num_frames=4", "--config.image_size=32", "--c
 TRAIN_STEPS, CHECKPOINT_EVERY = 100, 20   # steps are fast: the kill lands while 80 more and 4 saves run
 # One CPU device in the subprocesses: compiling for the 8 simulated devices of the other tests
 # doubles the CPU time of every command, and the mesh is not what this file tests.
-ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+ENV = {"JAX_NUM_CPU_DEVICES": "1"}
 
 
 @pytest.fixture(scope="module")

@@ -132,7 +132,7 @@ def test_design_space_structure_and_temporal_sensitivity():
     leaves, treedef = jax.tree.flatten(variables)
     rng = np.random.default_rng(0)
     variables = jax.tree.unflatten(treedef, [
-        x + 0.3 * rng.normal(size=x.shape).astype(np.float32) for x in leaves])
+        np.asarray(x) + 0.3 * rng.normal(size=x.shape).astype(np.float32) for x in leaves])
     mod = variables["params"]["layers_0"]["blocks_0"]["modulation"]
     assert ("f_temporal" in mod) == (design in ("parallel", "sequential")), design
     if design == "joint3d":
