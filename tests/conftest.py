@@ -20,3 +20,15 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 # pytest-xdist worker): JAX's persistent cache compiles each program once.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".pytest_cache", "jax_compilation_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+# pytest-xdist hands out whole modules (--dist loadscope in pyproject.toml: a module's fixtures, such as the
+# storage emulator or a compiled reference, are built once) in collection order: the costliest modules go
+# first, so that none of them starts last while the other worker idles (their costs: --durations=0, 2 cores).
+COSTLIEST_FIRST = ("test_cloud_storage.py", "test_model.py", "test_train_resume.py", "test_train_step.py",
+                   "test_train_multihost.py", "test_train_edges.py", "test_artifacts.py", "test_preemption.py",
+                   "test_plan.py", "test_visualize.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(COSTLIEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

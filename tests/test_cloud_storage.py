@@ -41,7 +41,7 @@ TINY = ["--config=demo", "--config.num_frames=4", "--config.image_size=32", "--c
         "--config.model.depths=(1,1,1,1)",
         "--config.batch_size=8", "--config.eval_batch_size=8", "--config.data.shuffle_buffer_size=16",
         "--config.data.num_threads=1", "--config.warmup_steps=0"]
-TRAIN_STEPS, CHECKPOINT_EVERY = 100, 20   # steps are fast: the kill lands while 80 more and 4 saves run
+TRAIN_STEPS, CHECKPOINT_EVERY = 60, 15   # steps are fast: the kill lands while 45 more and 3 saves run
 # One CPU device in the subprocesses: compiling for the 8 simulated devices of the other tests
 # doubles the CPU time of every command, and the mesh is not what this file tests.
 ENV = {"JAX_NUM_CPU_DEVICES": "1"}

@@ -156,21 +156,20 @@ def test_train_mode_remat_and_sown_modulators():
                        **ARCH)
   video = jnp.asarray(_video(3), jnp.float32)
   variables = jax.jit(model.init)(jax.random.key(0), video)
-  eval_out = jax.jit(model.apply)(variables, video)
-  train_out = jax.jit(lambda v, x: model.apply(v, x, train=True, rngs={"dropout": jax.random.key(1)}))(variables, video)
-  assert np.abs(eval_out - train_out).max() > 1e-4
-
-  def loss(params, m):
-    return m.apply({"params": params}, video, train=True, rngs={"dropout": jax.random.key(2)}).sum()
-  grad = jax.jit(jax.grad(loss), static_argnums=1)
-  g1 = grad(variables["params"], model)
-  g2 = grad(variables["params"], model.clone(remat=True))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g1, g2)
-
-  _, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(variables, video)
+  eval_out, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(variables, video)
   mod = state["intermediates"]["layers_0"]["blocks_0"]["modulation"]
   assert mod["spatial_modulator"][0].shape == (2 * FRAMES, SIZE // 4, SIZE // 4, 8)
   assert mod["temporal_modulator"][0].shape == (2 * FRAMES, SIZE // 4, SIZE // 4, 8)
+
+  def loss(params, m):
+    out = m.apply({"params": params}, video, train=True, rngs={"dropout": jax.random.key(2)})
+    return jnp.sum(out * jnp.arange(1, out.shape[-1] + 1)), out
+  grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
+  g1, train_out = grad(variables["params"], model)
+  g2, train_out_remat = grad(variables["params"], model.clone(remat=True))
+  assert np.abs(eval_out - train_out).max() > 1e-4  # dropout and drop-path act in train mode
+  np.testing.assert_allclose(train_out_remat, train_out, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g1, g2)
 
 
 def test_bfloat16_compute_keeps_float32_params():
@@ -199,7 +198,7 @@ def test_bad_inputs_name_the_problem():
 def test_dense_init_schemes():
   """'official' = timm trunc_normal(0.02) on every Linear; 'fan_in' = std 1/sqrt(fan_in); convs unchanged."""
   video = jnp.zeros((1, FRAMES, SIZE, SIZE, 3))
-  arch = dict(ARCH, embed_dim=32, depthwise_impl="xla")
+  arch = dict(ARCH, embed_dim=32, depths=(1, 1, 1, 1), depthwise_impl="xla")
 
   def init(**kw):
     model = create_model("custom", num_frames=FRAMES, **arch, **kw)
