@@ -106,6 +106,16 @@ def synthetic_eval_batches(config, n=5):
   return [{"video": video, "label": rng.integers(0, NUM_CLASSES, 8).astype(np.int32), "mask": np.arange(8) < n}]
 
 
+def use_synthetic_eval(set_attribute=setattr) -> None:
+  """The loop's eval reads ``synthetic_eval_batches`` instead of shards, and has no class names.
+
+  In a test, pass ``monkeypatch.setattr`` (undone after the test).
+  """
+  from vfocal_jax import evaluate  # pylint: disable=import-outside-toplevel
+  set_attribute(evaluate, "create_eval_iterator", lambda config, clips, crops: synthetic_eval_batches(config))
+  set_attribute(evaluate, "_class_names", lambda config: None)
+
+
 def _barrier(name: str) -> None:
   """Waits for every process (the coordination service's barrier, not a collective: no 30 s Gloo deadline)."""
   from jax._src import distributed  # pylint: disable=import-outside-toplevel
@@ -174,11 +184,10 @@ def main():
 def train_main(args):
   """``train.train_and_evaluate`` in ``args.workdir``, logging at INFO to stderr as the command line does."""
   from absl import logging
-  from vfocal_jax import evaluate, train
+  from vfocal_jax import train
   logging.set_verbosity(logging.INFO)
   logging.use_absl_handler()
-  evaluate.create_eval_iterator = lambda config, clips, crops: synthetic_eval_batches(config)
-  evaluate._class_names = lambda config: None  # pylint: disable=protected-access
+  use_synthetic_eval()
   config = tiny_config(mesh_shape=tuple(int(x) for x in args.mesh.split(",")), num_train_steps=args.steps,
                        log_every_steps=args.log_every, checkpoint_every_steps=args.checkpoint_every,
                        async_checkpointing=True)

@@ -30,7 +30,3 @@ def test_identity_affine_keeps_normalised_video():
   given = np.ones((2, 5, 3), np.float32)
   assert pixels.with_pixel_affine({"video": video, "pixel_affine": given})["pixel_affine"] is given
 
-
-def test_device_and_pipeline_agree_on_the_luma_weights():
-  from vfocal_jax.input_pipeline import transforms   # the contrast/grayscale steps of the colour map
-  assert pixels.LUMA == transforms._GRAY

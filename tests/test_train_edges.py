@@ -9,16 +9,15 @@ import pytest
 from etils import epath
 from flax import traverse_util
 
-from multihost_worker import StreamIterator, synthetic_eval_batches, tiny_config
-from vfocal_jax import checkpoints, evaluate, train, train_config
+from multihost_worker import StreamIterator, tiny_config, use_synthetic_eval
+from vfocal_jax import checkpoints, train, train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
 def _synthetic_eval(monkeypatch):
-  monkeypatch.setattr(evaluate, "create_eval_iterator", lambda config, clips, crops: synthetic_eval_batches(config))
-  monkeypatch.setattr(evaluate, "_class_names", lambda config: None)
+  use_synthetic_eval(monkeypatch.setattr)
 
 
 def _enospc(path):
@@ -76,8 +75,7 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tmp_p
   assert not [r for r in caplog.records if r.exc_info and "orbax" in r.pathname]
 
   monkeypatch.undo()
-  monkeypatch.setattr(evaluate, "create_eval_iterator", lambda config, clips, crops: synthetic_eval_batches(config))
-  monkeypatch.setattr(evaluate, "_class_names", lambda config: None)
+  use_synthetic_eval(monkeypatch.setattr)
   params, step = checkpoints.load_params_from_workdir(workdir)
   assert step == 2 and _params_finite(params)
   # Space freed: the rerun resumes from step 2 (the failed save's leftovers are cleaned up) and finishes.

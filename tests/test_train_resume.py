@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from multihost_worker import StreamIterator, run_steps, synthetic_eval_batches, tiny_config
+from multihost_worker import StreamIterator, run_steps, tiny_config, use_synthetic_eval
 from vfocal_jax import checkpoints, evaluate, train
 
 
 @pytest.fixture(autouse=True)
 def _synthetic_eval(monkeypatch):
-  monkeypatch.setattr(evaluate, "create_eval_iterator", lambda config, clips, crops: synthetic_eval_batches(config))
-  monkeypatch.setattr(evaluate, "_class_names", lambda config: None)
+  use_synthetic_eval(monkeypatch.setattr)
 
 
 class _SigtermAt(StreamIterator):

@@ -14,9 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# ITU-R 601 luma weights: the grayscale and contrast steps of the pipeline's
-# colour augmentation (`input_pipeline.transforms`) use the same ones.
-LUMA = (0.299, 0.587, 0.114)
+from vfocal_jax.colour import LUMA  # The pipeline's colour augmentation uses the same weights.
 
 
 def normalize(video: jax.Array, pixel_affine: jax.Array, dtype=jnp.float32) -> jax.Array:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-_GRAY = (0.299, 0.587, 0.114)   # ITU-R 601 luma; vfocal_jax.pixels.LUMA (device side) must match.
+from vfocal_jax.colour import LUMA
 
 
 def _fold(seed: tf.Tensor, k: int) -> tf.Tensor:
@@ -93,8 +93,8 @@ def flip(video: tf.Tensor, prob: float, seed: tf.Tensor) -> tf.Tensor:
 # clamped to 0..255 between steps, and contrast blends towards the mean luma
 # of the whole clip rather than of each frame.
 
-_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-_GRAY_ROW = np.array(_GRAY)
+_YIQ = np.array([LUMA, [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_GRAY_ROW = np.array(LUMA)
 
 
 def _constant(x) -> tf.Tensor:
