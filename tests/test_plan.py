@@ -135,12 +135,18 @@ def test_unknown_topology_is_one_line():
 
 
 def test_target_config_resolves_depthwise_for_the_target_and_copies():
-  config = tiny_config()
+  config = tiny_config()  # mesh_shape (-1, 1): no 'model' axis
   config.lock()
-  tpu = plan.target_config(config, "tpu", batch_size=16, **{"model.remat": True})
+  tpu = plan.target_config(config, "tpu", 4, batch_size=16, **{"model.remat": True})
   assert tpu.model.depthwise_impl == "xla" and tpu.batch_size == 16 and tpu.model.remat
   assert "depthwise_impl" not in config.model and config.batch_size == 8
-  assert plan.target_config(config, jax.default_backend()).model.get("depthwise_impl", "auto") == "auto"
+  assert plan.target_config(config, "cpu", 4).model.depthwise_impl == "shift"
+  # A 'model' axis > 1: XLA's grouped-conv kernel gradient is wrong there, so 'auto' never picks it.
+  config = tiny_config(mesh_shape=(-1, 2))
+  assert plan.target_config(config, "tpu", 8).model.depthwise_impl == "shift"
+  assert plan.target_config(config, "tpu", 2).model.depthwise_impl == "shift"
+  config.model.depthwise_impl = "xla"  # Explicit: kept (and the report warns).
+  assert plan.target_config(config, "gpu", 8).model.depthwise_impl == "xla"
 
 
 @pytest.mark.parametrize("largest", [1, 5, 8, 37, 64, 1000])

@@ -93,3 +93,13 @@ def test_gradients_match_single_device(reference_grads, impl, mesh_shape):
   for key, ref in reference_grads.items():
     scale = float(np.max(np.abs(ref)))
     np.testing.assert_allclose(grads[key], ref, rtol=1e-3, atol=1e-3 * scale + 1e-30, err_msg=key)
+
+
+def test_auto_depthwise_is_never_xla_on_a_model_axis(monkeypatch):
+  """On TPU/GPU 'auto' means XLA's grouped conv, except on a 'model' axis > 1 (the bug above): shift there."""
+  from vfocal_jax import train
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # resolve as on a TPU host
+  assert train.Trainer(tiny_config(mesh_shape=(4, 2)), 100).model.depthwise_impl == "shift"
+  assert train.Trainer(tiny_config(mesh_shape=(8, 1)), 100).model.depthwise_impl == "xla"
+  explicit = tiny_config(mesh_shape=(4, 2), **{"model.depthwise_impl": "xla"})
+  assert train.Trainer(explicit, 100).model.depthwise_impl == "xla"

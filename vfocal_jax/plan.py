@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from vfocal_jax import sharding, tpu_specs
+from vfocal_jax.models.layers import resolve_depthwise_impl
 
 LOCAL = "local"
 MAX_BATCH_PER_SHARD = 1 << 14  # Upper end of the batch search (per 'data' shard).
@@ -57,11 +58,13 @@ def target_devices(topology: str | None) -> list:
                      "v6e:2x2 (needs libtpu).") from None
 
 
-def target_config(config: ml_collections.ConfigDict, platform: str, **overrides) -> ml_collections.ConfigDict:
+def target_config(config: ml_collections.ConfigDict, platform: str, num_devices: int,
+                  **overrides) -> ml_collections.ConfigDict:
   """An unlocked copy with backend-dependent choices resolved for the target platform, not the host's."""
   config = ml_collections.ConfigDict(config.to_dict())
-  if platform != jax.default_backend() and config.model.get("depthwise_impl", "auto") == "auto":
-    config.model.depthwise_impl = "xla"  # What 'auto' picks on TPU and GPU.
+  model_axis = sharding.resolve_mesh_shape(config.mesh_shape, num_devices)[1]
+  config.model.depthwise_impl = resolve_depthwise_impl(config.model.get("depthwise_impl", "auto"),
+                                                       platform=platform, model_axis=model_axis)
   for key, value in overrides.items():
     *parents, leaf = key.split(".")
     node = config
@@ -264,7 +267,7 @@ def search_batch_variants(config, mesh, *, hbm_bytes: int, devices_per_chip: int
 
     def fits(n, r=r, f=f):
       count[0] += 1
-      cfg = target_config(config, platform, **{"model.remat": r, "fsdp": f, "batch_size": n * data})
+      cfg = target_config(config, platform, mesh.size, **{"model.remat": r, "fsdp": f, "batch_size": n * data})
       attempt = compile_steps(cfg, mesh, eval=False)["train"]
       total = tpu_specs.memory_stats(attempt["compiled"])["total"] if attempt["compiled"] else None
       ok = attempt["compiled"] is not None and (total is None or total * devices_per_chip <= hbm_bytes)
@@ -353,7 +356,7 @@ def make_report(config: ml_collections.ConfigDict, *, topology: str | None = Non
   num_chips, per_chip = tpu_specs.chip_layout(devices)
   chip = tpu_specs.chip_spec(kind) if platform == "tpu" else None
   hbm = chip.hbm_bytes if chip else _local_capacity(devices)
-  cfg = target_config(config, platform)
+  cfg = target_config(config, platform, len(devices))
   mesh = build_mesh(cfg, devices)
   accum = max(int(cfg.accumulation_steps), 1)
   views = eval_views(cfg)
@@ -412,9 +415,8 @@ def make_report(config: ml_collections.ConfigDict, *, topology: str | None = Non
 
 
 def _depthwise(cfg) -> str:
-  """The depthwise implementation the compiled model uses ('auto' is resolved for the host = the target here)."""
-  from vfocal_jax.models.layers import resolve_depthwise_impl
-  return resolve_depthwise_impl(cfg.model.get("depthwise_impl", "auto"))
+  """The depthwise implementation the compiled model uses (``target_config`` resolved 'auto')."""
+  return resolve_depthwise_impl(cfg.model.depthwise_impl)
 
 
 def _measure(report, steps, cfg, mesh) -> None:

@@ -36,6 +36,7 @@ from vfocal_jax import sharding, train_config
 from vfocal_jax import batch as batch_lib
 from vfocal_jax.loop_actions import CURVES_PNG, NonFiniteLossError  # noqa: F401  (part of this module's API)
 from vfocal_jax.metrics import MetricWindow, TrainMetrics
+from vfocal_jax.models.layers import resolve_depthwise_impl
 from vfocal_jax.preemption import EXIT_PREEMPTED, Preemption  # noqa: F401
 from vfocal_jax.train_state import TrainState, create_train_state
 
@@ -137,7 +138,10 @@ class Trainer:
                rules=sharding.DEFAULT_RULES):
     self.config = config
     self.mesh = mesh if mesh is not None else sharding.create_mesh(config.mesh_shape)
-    self.model = artifacts.build_model(config)
+    model = artifacts.build_model(config)
+    # 'auto' resolved for this mesh: never XLA's grouped conv when its gradient is wrong ('model' axis > 1).
+    self.model = model.clone(depthwise_impl=resolve_depthwise_impl(
+        model.depthwise_impl, model_axis=int(self.mesh.shape[sharding.MODEL])))
     self.num_classes = int(config.model.num_classes)
     self.steps_per_epoch = max(int(steps_per_epoch), 1)
     self.total_steps = optim.total_train_steps(config, self.steps_per_epoch)

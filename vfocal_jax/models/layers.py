@@ -69,10 +69,16 @@ def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=1e-5, dtype=dtype, name=name)
 
 
-def resolve_depthwise_impl(impl: str) -> str:
-  """'auto' -> 'shift' on CPU (XLA:CPU grouped convs are ~10x slower), else 'xla'."""
+def resolve_depthwise_impl(impl: str, *, platform: str | None = None, model_axis: int = 1) -> str:
+  """'auto' -> 'shift' on CPU (XLA:CPU grouped convs are ~10x slower) or on a mesh whose 'model' axis is > 1, else 'xla'.
+
+  With a 'model' axis > 1, XLA's kernel gradient of the sharded grouped convolution comes out multiplied by
+  that axis size (jax 0.10.2, docs/design.md); the shifted multiplies are right everywhere.
+  ``platform`` defaults to JAX's default backend.
+  """
   if impl == "auto":
-    return "shift" if jax.default_backend() == "cpu" else "xla"
+    platform = jax.default_backend() if platform is None else platform
+    return "shift" if platform == "cpu" or model_axis > 1 else "xla"
   if impl not in ("xla", "shift"):
     raise ValueError(f"depthwise_impl={impl!r}: expected 'auto', 'xla' or 'shift'.")
   return impl
