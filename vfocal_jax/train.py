@@ -140,8 +140,11 @@ class Trainer:
     self.mesh = mesh if mesh is not None else sharding.create_mesh(config.mesh_shape)
     model = artifacts.build_model(config)
     # 'auto' resolved for this mesh: never XLA's grouped conv when its gradient is wrong ('model' axis > 1).
-    self.model = model.clone(depthwise_impl=resolve_depthwise_impl(
-        model.depthwise_impl, model_axis=int(self.mesh.shape[sharding.MODEL])))
+    impl = resolve_depthwise_impl(model.depthwise_impl, model_axis=int(self.mesh.shape[sharding.MODEL]))
+    if model.depthwise_impl == "auto" and impl != resolve_depthwise_impl("auto"):
+      logging.info("depthwise_impl='auto' -> 'shift': XLA's grouped-conv kernel gradient is wrong on a 'model' "
+                   "axis > 1 (docs/design.md).")
+    self.model = model.clone(depthwise_impl=impl)
     self.num_classes = int(config.model.num_classes)
     self.steps_per_epoch = max(int(steps_per_epoch), 1)
     self.total_steps = optim.total_train_steps(config, self.steps_per_epoch)
