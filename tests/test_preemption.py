@@ -26,8 +26,7 @@ def _sigterm_at(workdir, marker, count=1, timeout=300):
   Returns (exit status, log, seconds from the signal to the exit).
   """
   # One CPU device (the worker's flag); conftest's cheap XLA flags are inherited.
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
   cmd = [sys.executable, WORKER, f"--workdir={workdir}", "--devices_per_process=1", "--steps=100000",
          "--log_every=2", "--checkpoint_every=3"]
   proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

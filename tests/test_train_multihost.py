@@ -19,8 +19,7 @@ def _free_port():
 
 def _launch(out, num_processes, process_id, devices, port):
   # The device count is the worker's flag; conftest's cheap XLA flags are inherited (the same for both runs).
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
   cmd = [sys.executable, WORKER, f"--num_processes={num_processes}", f"--process_id={process_id}",
          f"--port={port}", f"--devices_per_process={devices}", "--mesh=2,2", "--steps=2", f"--out={out}"]
   return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
