@@ -66,6 +66,9 @@ flags.DEFINE_string("topology", None, "plan: a TPU slice (v5e:2x2, v4:2x2x1, ...
 flags.DEFINE_string("json", None, "plan: also write the report as JSON here.")
 flags.DEFINE_bool("search_batch", False, "plan: find the largest per-chip batch that fits.")
 flags.DEFINE_bool("measure", False, "plan --topology=local: also time the compiled steps.")
+flags.DEFINE_float("pipeline_clips_per_core", None, "plan: measured input-pipeline rate (training clips/s per host "
+                   "core, from benchmarks/bench_input_pipeline.py): report the host cores and storage bandwidth "
+                   "per chip needed to feed the step.")
 
 
 def config_names() -> list[str]:
@@ -154,7 +157,7 @@ def run_command(command: str, config, *, config_given: bool, overrides: frozense
   if command == "plan":
     from vfocal_jax import plan
     plan.run(config, topology=FLAGS.topology, json_path=FLAGS.json, search_batch=FLAGS.search_batch,
-             measure=FLAGS.measure)
+             measure=FLAGS.measure, pipeline_clips_per_core=FLAGS.pipeline_clips_per_core)
     return
   if command == "convert":
     from vfocal_jax.convert import cli

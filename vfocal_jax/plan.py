@@ -313,7 +313,8 @@ def _local_capacity(devices: list) -> int | None:
 
 
 def run(config: ml_collections.ConfigDict, *, topology: str | None = None, json_path: str | None = None,
-        search_batch: bool = False, measure: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+        search_batch: bool = False, measure: bool = False, pipeline_clips_per_core: float | None = None,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
   """Compiles the train and eval steps of ``config`` for ``topology``, prints the report and returns it.
 
   Args:

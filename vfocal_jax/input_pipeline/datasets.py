@@ -169,14 +169,19 @@ def _raw_frames_kind(raw: tf.data.Dataset, source: str) -> str:
 
 def build_train_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int, seed: int,
                         num_frames: int, image_size: int, process_index: int = 0,
-                        process_count: int = 1) -> tuple[tf.data.Dataset, DatasetInfo]:
-  """The training tf.data.Dataset of this host (infinite, batched, with the records' `file`)."""
+                        process_count: int = 1, skip_records: int = 0) -> tuple[tf.data.Dataset, DatasetInfo]:
+  """The training tf.data.Dataset of this host (infinite, batched, with the records' `file`).
+
+  `skip_records` raw records of this host's stream are dropped before shuffling and
+  decoding (cheap: nothing is decoded): a resume that cannot restore the exact
+  iterator state starts near the position it had.
+  """
   _hide_gpus_from_tf()
   cfg = data_cfg
   split = _open_split(cfg, train=True, seed=seed, process_index=process_index,
                       process_count=process_count, repeat=True, need_counts=False)
   kind = _raw_frames_kind(split.raw, cfg.source)
-  ds = split.raw
+  ds = split.raw.skip(int(skip_records)) if skip_records > 0 else split.raw
   if int(cfg.shuffle_buffer_size) > 1:
     ds = ds.shuffle(int(cfg.shuffle_buffer_size), seed=seed + 7919 * process_index)
   ds = ds.enumerate()
