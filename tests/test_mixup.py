@@ -23,7 +23,7 @@ def _check(video, targets, lam, labels, kind):
   v = np.asarray(video)
   t = np.asarray(targets, np.float64)
   np.testing.assert_allclose(t.sum(-1), 1.0, rtol=1e-5)
-  lam = float(lam)
+  lam = float(lam.lam[0])
   off, on = 0.1 / K, 0.9 + 0.1 / K
   for i in range(B):
     vals = np.unique(v[i])

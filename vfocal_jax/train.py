@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 from flax import traverse_util
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from vfocal_jax import artifacts, checkpoints, evaluate, finetune, loop_actions, mixup, model_card, optim, paths, pixels
 from vfocal_jax import sharding, train_config
@@ -64,15 +64,34 @@ def quiet_orbax_logs() -> None:
 
 # --- The step. -------------------------------------------------------------------------------
 
-def _loss_and_grads(model, params, video, pixel_affine, labels, rng, config, num_classes):
+def loss_and_grads(model, params, video: jax.Array, pixel_affine: jax.Array, labels: jax.Array, rng: jax.Array,
+                   config: ml_collections.ConfigDict, num_classes: int, *, mesh: Mesh | None = None,
+                   batch_spec: Sequence | P | None = None) -> tuple[jax.Array, jax.Array, Any, mixup.MixInfo]:
+  """The train step's loss on one (micro-)batch: ``(loss, top1, grads, mix)``; pure, for tests too.
+
+  ``rng`` splits into the mixing key and the dropout key (``r_mix, r_drop =
+  split(rng)``). The pixels are normalised (``pixels.normalize``, float32) and
+  cast to ``config.model.dtype``; with ``mixup_alpha`` or ``cutmix_alpha`` > 0
+  they are blended inside each data shard of ``mesh`` (``mixup.mix_per_shard``:
+  shard ``s`` of the batch's axes ``batch_spec[0]`` uses ``fold_in(r_mix, s)``;
+  ``mesh`` None: the whole batch is one shard), else ``mix`` is the identity.
+  ``mix`` (``mixup.MixInfo``) says exactly what was blended: output row ``i`` is
+  ``x[i]`` blended with ``x[mix.perm[i]]`` (mixup weight ``lam``, or the CutMix
+  box) and its target is ``lam * y[i] + (1 - lam) * y[perm[i]]``, ``y`` the
+  one-hot labels smoothed by ``config.label_smoothing``. The loss is the mean
+  over rows of the softmax cross-entropy of the float32 logits (train mode,
+  dropout/drop-path from ``r_drop``) with those targets; ``top1`` is the
+  accuracy against the unmixed ``labels``; ``grads`` the loss's gradient.
+  """
   r_mix, r_drop = jax.random.split(rng)
   video = pixels.normalize(video, pixel_affine)
-  if config.mixup_alpha > 0 or config.cutmix_alpha > 0:
-    video, targets, _ = mixup.mixup_cutmix(
-        r_mix, video, labels, num_classes=num_classes, label_smoothing=config.label_smoothing,
-        mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha, switch_prob=config.mixup_switch_prob)
-  else:
-    targets = mixup.smooth_one_hot(labels, num_classes, config.label_smoothing)
+  alphas = dict(mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha)
+  if config.mixup_alpha <= 0 and config.cutmix_alpha <= 0:
+    mesh = None  # Nothing to blend: no shard_map.
+  video, targets, mix = mixup.mix_per_shard(
+      r_mix, video, labels, num_classes=num_classes, mesh=mesh, batch_spec=batch_spec,
+      dtype=_compute_dtype(config), label_smoothing=config.label_smoothing,
+      switch_prob=config.mixup_switch_prob, **alphas)
 
   def loss_fn(p):
     logits = model.apply({"params": p}, video, train=True, rngs={"dropout": r_drop})
@@ -81,19 +100,32 @@ def _loss_and_grads(model, params, video, pixel_affine, labels, rng, config, num
 
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   top1 = jnp.mean(jnp.argmax(logits, -1) == labels)
-  return loss, top1, grads
+  return loss, top1, grads, mix
+
+
+_loss_and_grads = loss_and_grads  # The name the gradient tests use.
+
+
+def _compute_dtype(config: ml_collections.ConfigDict):
+  """``config.model.dtype`` (None: the variant's own, applied by the model itself)."""
+  name = config.model.get("dtype")
+  return jnp.dtype(name) if name else None
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: optax.GradientTransformation,
                schedule: Callable, config: ml_collections.ConfigDict, num_classes: int,
-               batch_spec: P | None = None) -> tuple[TrainState, TrainMetrics]:
-  """One optimizer update on a global batch (``accumulation_steps`` micro-batches)."""
+               batch_spec: P | None = None, mesh: Mesh | None = None) -> tuple[TrainState, TrainMetrics]:
+  """One optimizer update on a global batch (``accumulation_steps`` micro-batches).
+
+  ``batch_spec``: the spec of the batch's leading axes on ``mesh``; mixup/CutMix
+  pair clips within each of its data shards (``loss_and_grads``).
+  """
   step_rng = jax.random.fold_in(state.rng, state.step)
   video, affine, labels = batch["video"], batch["pixel_affine"], batch["label"]
   accum = int(config.accumulation_steps)
   if accum <= 1:
-    loss, top1, grads = _loss_and_grads(model, state.params, video, affine, labels, step_rng, config,
-                                        num_classes)
+    loss, top1, grads, _ = loss_and_grads(model, state.params, video, affine, labels, step_rng, config,
+                                          num_classes, mesh=mesh, batch_spec=batch_spec)
   else:
     # Rows j*accum + a form micro-batch a: each device keeps its own rows.
     def split(x):
@@ -106,8 +138,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: opt
     def body(carry, xs):
       g_sum, l_sum, t_sum = carry
       a, v, pa, y = xs
-      l, t, g = _loss_and_grads(model, state.params, v, pa, y, jax.random.fold_in(step_rng, a), config,
-                                num_classes)
+      l, t, g, _ = loss_and_grads(model, state.params, v, pa, y, jax.random.fold_in(step_rng, a), config,
+                                  num_classes, mesh=mesh, batch_spec=batch_spec)
       return (jax.tree.map(jnp.add, g_sum, g), l_sum + l, t_sum + t), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -162,7 +194,7 @@ class Trainer:
         self.abstract_state, self.mesh, rules=rules, fsdp=config.fsdp, fsdp_min_size=config.fsdp_min_size)
     self.batch_sharding = batch_lib.shardings(self.mesh, batch_lib.TRAIN_FIELDS)
     step = functools.partial(train_step, model=self.model, tx=self.tx, schedule=self.schedule, config=config,
-                             num_classes=self.num_classes, batch_spec=(sharding.DATA,))
+                             num_classes=self.num_classes, batch_spec=(sharding.DATA,), mesh=self.mesh)
     self.train_step = jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
                               out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
                               donate_argnums=(0,))
