@@ -30,6 +30,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch  # a plain import: a broken install fails, never skips
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -190,15 +191,18 @@ class Corpus:
     self.marker = directory / "MARKER"
     self.entries = []
 
-  def add(self, name, data, expect, fn="read", report=False, bare=False, **kwargs):
-    """Adds a file; a bare pickle (starting with PROTO) becomes the data.pkl of an archive."""
+  def add(self, name, data, expect, fn="read", report=False, bare=False, names=None, **kwargs):
+    """Adds a file; a bare pickle (starting with PROTO) becomes the data.pkl of an archive.
+
+    ``names``: text the refusal's message must contain (what was refused), besides the file name.
+    """
     if data.startswith(b"\x80") and not data.startswith(_LEGACY_HEAD) and not bare:
       data = _ckpt(data)
     path = self.dir / f"{len(self.entries):04d}_{name}.pth"
     path.write_bytes(data)
     self.entries.append({"name": name, "path": str(path), "fn": fn, "kwargs": kwargs,
                          "expect": sorted(expect) if isinstance(expect, set) else [expect],
-                         "report": report})
+                         "report": report, "names": names})
 
 
 def _evil_calls(marker: pathlib.Path):
@@ -240,6 +244,37 @@ def _evil_calls(marker: pathlib.Path):
                     + b"R",
   }
   return calls
+
+
+# What each payload of `_evil_calls` proves, as (outcome, text the message names). A call of a global off the
+# allow-list is refused before it happens, naming the global; NEWOBJ and BUILD on a global that is not allow-listed
+# only make and fill an inert placeholder (docs/pth_loader.md): they load, holding the payload as data
+# (test_evil_instances_load_as_inert_data checks what they hold).
+EVIL_EXPECT = {
+    "os_system": (UNSAFE, "os.system('touch"),
+    "posix_system": (UNSAFE, "posix.system('touch"),
+    "subprocess_popen": (UNSAFE, "subprocess.Popen("),
+    "subprocess_check_output": (OK, None),
+    "builtins_eval": (UNSAFE, "builtins.eval(\"open("),
+    "builtins_exec": (UNSAFE, "builtins.exec(\"open("),
+    "py2_builtin_eval": (UNSAFE, "builtins.eval(\"open("),   # __builtin__ is Python 2's builtins
+    "builtins_open": (UNSAFE, "builtins.open("),
+    "io_open": (UNSAFE, "io.open("),
+    "getattr_import": (UNSAFE, "builtins.__import__('os')"),  # refused at the first call, before getattr
+    "stack_global": (UNSAFE, "os.system('touch"),
+    "inst_protocol0": (UNSAFE, "os.system('touch"),
+    "obj_protocol1": (UNSAFE, "os.system('touch"),
+    "from_type_v2": (UNSAFE, "os.system, which is not a tensor rebuild"),
+    "reconstructor_then_call": (FORMAT, "calls an instance of os.system, which is not callable"),
+    "build_setstate": (OK, None),
+    "torch_load_bytes": (UNSAFE, "torch.storage._load_from_bytes("),
+    "pickle_loads": (UNSAFE, "pickle.loads("),
+    "partial": (UNSAFE, "functools.partial("),
+    "numpy_runstring": (UNSAFE, "numpy.testing._private.utils.runstring("),
+    "codecs_rot13": (FORMAT, "_codecs.encode('touch"),     # only latin1 (protocol 2's bytes) is rebuilt
+    "ext_code": (FORMAT, "extension codes"),
+    "list_range": (FORMAT, "list of a range is not rebuilt"),
+}
 
 
 class _Payload:
@@ -566,17 +601,22 @@ def build_corpus(directory: pathlib.Path) -> Corpus:
   c.add("zip_crc_mismatch_unchecked", malformed["zip_crc_mismatch"], OK, fn="load")  # as torch
 
   # -- Code execution attempts: in the zip's pickle, and in each pickle of a legacy file.
-  for name, body in _evil_calls(marker).items():
-    c.add(f"evil_zip_{name}", _ckpt(_pkl(_sdict([("model", body)]))), DOCUMENTED | {OK})
-    c.add(f"evil_legacy_body_{name}", _legacy(_pkl(body)), DOCUMENTED | {OK})
-    c.add(f"evil_legacy_sysinfo_{name}", _legacy(_pkl(b"N"), sys_info=_pkl(body)),
-          DOCUMENTED | {OK})
-    c.add(f"evil_no_proto_{name}", _ckpt(body + b"."), DOCUMENTED | {OK})
-  c.add("evil_plain_pickle", pickle.dumps(_Payload(f"touch {marker}")), {UNSAFE, FORMAT}, bare=True)
+  calls = _evil_calls(marker)
+  assert calls.keys() == EVIL_EXPECT.keys()
+  for name, body in calls.items():
+    expect, names = EVIL_EXPECT[name]
+    c.add(f"evil_zip_{name}", _ckpt(_pkl(_sdict([("model", body)]))), expect, names=names)
+    c.add(f"evil_legacy_body_{name}", _legacy(_pkl(body)), expect, names=names)
+    c.add(f"evil_legacy_sysinfo_{name}", _legacy(_pkl(b"N"), sys_info=_pkl(body)), expect, names=names)
+    c.add(f"evil_no_proto_{name}", _ckpt(body + b"."), expect, names=names)
+  # pickle.dumps of os.system names it by its module: posix.system on Linux, nt.system on Windows.
+  c.add("evil_plain_pickle", pickle.dumps(_Payload(f"touch {marker}")), UNSAFE, bare=True,
+        names=f".system('touch {marker}')")
   c.add("deep_bare_pickle", _pkl(b"]" * deep + b"a" * (deep - 1)), FORMAT, bare=True)
   for proto in (0, 1, 2, 4, 5):
     c.add(f"evil_zip_stdlib_protocol{proto}",
-          _ckpt(pickle.dumps({"model": _Payload(f"touch {marker}")}, proto)), {UNSAFE})
+          _ckpt(pickle.dumps({"model": _Payload(f"touch {marker}")}, proto)), UNSAFE,
+          names=f".system('touch {marker}')")
 
   # -- Seeded random opcode streams and mutations of valid files.
   valid = [_valid_zip(), _valid_legacy()]
@@ -659,6 +699,22 @@ def test_no_payload_ran(corpus_run):
   assert not any(p.name == "MARKER" for p in pathlib.Path.cwd().iterdir())
 
 
+def test_evil_instances_load_as_inert_data(tmp_path):
+  """The two payloads that load (EVIL_EXPECT): an instance of the global is made, holding the payload as data."""
+  marker = tmp_path / "MARKER"
+  calls = _evil_calls(marker)
+  cmd = f"touch {marker}"
+  for name, module, qualname, new_args, state in (
+      ("subprocess_check_output", "subprocess", "check_output", (cmd,), None),
+      ("build_setstate", "foo", "Bar", (), cmd)):   # BUILD with {"__setstate__": os.system}, then BUILD(cmd)
+    path = tmp_path / f"{name}.pth"
+    path.write_bytes(_ckpt(_pkl(_sdict([("model", calls[name])]))))
+    obj = tp.read_torch_file(path)["model"]
+    assert isinstance(obj, tp.InertObject) and repr(obj) == f"<inert {module}.{qualname}>", (name, obj)
+    assert (obj.new_args, obj.state) == (new_args, state), name
+  assert not marker.exists()
+
+
 def test_every_outcome_is_documented_and_names_the_file(corpus_run):
   corpus, report, _ = corpus_run
   by_name = {e["name"]: e for e in corpus.entries}
@@ -673,6 +729,8 @@ def test_every_outcome_is_documented_and_names_the_file(corpus_run):
       if entry["path"] not in message or len(message) > 4000:
         wrong.append(f"{r['name']}: message does not name the file or is too long "
                      f"({len(message)} chars): {message[:200]}")
+      elif entry["names"] and entry["names"] not in message:
+        wrong.append(f"{r['name']}: message does not name {entry['names']!r}: {message[:300]}")
   assert not wrong, "\n".join(wrong)
   outcomes = [r["outcome"] for r in report["results"]]
   assert len(outcomes) == len(corpus.entries)
@@ -810,7 +868,6 @@ def test_open_uses_epath():
 
 
 def _assert_same(ours, theirs, where="root"):
-  torch = pytest.importorskip("torch")
   if isinstance(theirs, torch.Tensor):
     assert isinstance(ours, np.ndarray), where
     ref = theirs.detach().contiguous()
@@ -833,7 +890,6 @@ def _assert_same(ours, theirs, where="root"):
 
 
 def _differential_objects():
-  torch = pytest.importorskip("torch")
   g = torch.Generator().manual_seed(0)
   base = torch.randn(4, 5, 6, generator=g)
   shared = torch.arange(24, dtype=torch.float32)
@@ -864,7 +920,6 @@ def _differential_objects():
 
 @pytest.mark.parametrize("variant", ["zip_p2", "zip_p4", "zip_p5", "legacy"])
 def test_differential_against_torch_load(tmp_path, variant):
-  torch = pytest.importorskip("torch")
   obj = _differential_objects()
   if variant == "legacy":
     obj["dtypes"].pop("u16")  # the legacy format has no storage type for uint16
@@ -878,7 +933,6 @@ def test_differential_against_torch_load(tmp_path, variant):
 
 
 def test_differential_big_endian_archive(tmp_path):
-  torch = pytest.importorskip("torch")
   obj = {"f32": torch.randn(3, 4), "i64": torch.arange(5), "c64": torch.randn(2, dtype=torch.complex64),
          "bf16": torch.randn(3).to(torch.bfloat16), "u8": torch.arange(4, dtype=torch.uint8)}
   little = tmp_path / "little.pth"
