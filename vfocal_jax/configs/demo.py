@@ -27,7 +27,10 @@ def get_config() -> ml_collections.ConfigDict:
   config = default.get_config()
   config.dataset = "demo"              # Informative, as in every config.
   config.demo_data_dir = ""            # '' = <workdir>/demo_data (~/.cache/vfocal_jax/demo_data for gs://).
-  config.demo_dataset = ml_collections.ConfigDict(dict(train_per_class=300, val_per_class=25, seed=0))
+  # oversample: film the same motion with k times the frames (16 k per video); frames_per_video:
+  # make_shards --frames_per_video (keep that many, at segment centres; 0 = all). docs/data.md.
+  config.demo_dataset = ml_collections.ConfigDict(dict(train_per_class=300, val_per_class=25, seed=0,
+                                                       oversample=1, frames_per_video=0))
 
   config.num_frames = 8
   config.image_size = 32

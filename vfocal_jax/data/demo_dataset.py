@@ -16,6 +16,7 @@ The videos are written as small H.264 mp4 files under `output_dir/videos/`
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -68,8 +69,16 @@ def _texture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
 
 
 def render_video(label: int, rng: np.random.Generator, *, num_frames: int = 16, height: int = 64,
-                 width: int = 80, noise: float = 6.0) -> np.ndarray:
-  """One video of class `label`, uint8 (num_frames, height, width, 3)."""
+                 width: int = 80, noise: float = 6.0, oversample: int = 1) -> np.ndarray:
+  """One video of class `label`, uint8 (num_frames * oversample, height, width, 3).
+
+  `oversample` > 1 films the same motion at that many times the frame rate:
+  frame u shows the scene at time (u - (oversample - 1) / 2) / oversample
+  (in frames of the plain video), so the oversample frames around plain
+  frame t are centred on it (for an odd factor, frame oversample * t + (oversample - 1) / 2
+  is plain frame t). The random draws are the same as the plain video's up to the
+  per-frame noise.
+  """
   name = CLASS_NAMES[label]
   shape = np.asarray(_SHAPES[list(_SHAPES)[rng.integers(len(_SHAPES))]], np.float32)
   background = _texture(rng, height, width)
@@ -95,8 +104,9 @@ def render_video(label: int, rng: np.random.Generator, *, num_frames: int = 16, 
   centre[1] = np.clip(centre[1], size, height - size) if name not in ("move_up", "move_down") else centre[1]
   if name in ("grow", "shrink"):  # Same mean size as the other classes: no single-frame cue.
     size *= growth ** (-steps / 2 if name == "grow" else steps / 2)
-  frames = np.empty((num_frames, height, width, 3), np.uint8)
-  for t in range(num_frames):
+  frames = np.empty((num_frames * oversample, height, width, 3), np.uint8)
+  for u in range(num_frames * oversample):
+    t = u if oversample == 1 else (u - (oversample - 1) / 2) / oversample
     theta = angle + {"rotate_cw": spin * t, "rotate_ccw": -spin * t}.get(name, 0.0)
     scale = size * {"grow": growth ** t, "shrink": growth ** -t}.get(name, 1.0)
     rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]], np.float32)
@@ -105,7 +115,7 @@ def render_video(label: int, rng: np.random.Generator, *, num_frames: int = 16, 
     frame = background.copy()
     frame[mask] = colour
     frame += rng.normal(0, noise, size=frame.shape).astype(np.float32)
-    frames[t] = np.clip(frame, 0, 255).astype(np.uint8)
+    frames[u] = np.clip(frame, 0, 255).astype(np.uint8)
   return frames
 
 
@@ -127,10 +137,14 @@ def write_mp4(path: str, frames: np.ndarray, fps: int = 8) -> None:
 def build_demo_dataset(output_dir: str, *, train_per_class: int = 100, val_per_class: int = 25,
                        num_frames: int = 16, height: int = 64, width: int = 80,
                        num_train_shards: int = 8, num_val_shards: int = 2, seed: int = 0,
-                       workers: int = 2, progress: bool = False) -> dict:
+                       workers: int = 2, progress: bool = False, oversample: int = 1,
+                       frames_per_video: int = 0) -> dict:
   """Renders the videos, writes them as mp4 and shards them with `make_shards`.
 
   Defaults: 8 classes x (100 train + 25 val) videos of 16 frames at 64x80.
+  `oversample` films the same motion with that many times the frames
+  (`render_video`); `frames_per_video` is the writer's (`make_shards
+  --frames_per_video`: keep that many frames, at segment centres; 0 = all).
   Finished shards are kept on a re-run (the writer resumes).
 
   Returns:
@@ -148,10 +162,12 @@ def build_demo_dataset(output_dir: str, *, train_per_class: int = 100, val_per_c
     for i in range(per_class * len(CLASS_NAMES)):
       label = i % len(CLASS_NAMES)
       video_rng = np.random.default_rng(rng.integers(2**63))
-      name = f"{split}_{i:05d}_{CLASS_NAMES[label]}.mp4"
+      suffix = f"_x{oversample}" if oversample > 1 else ""
+      name = f"{split}_{i:05d}_{CLASS_NAMES[label]}{suffix}.mp4"
       path = os.path.join(video_dir, name)
       if not os.path.exists(path):
-        frames = render_video(label, video_rng, num_frames=num_frames, height=height, width=width)
+        frames = render_video(label, video_rng, num_frames=num_frames, height=height, width=width,
+                              oversample=oversample)
         write_mp4(path + ".tmp.mp4", frames)
         os.replace(path + ".tmp.mp4", path)
       lines.append(f"{name},{CLASS_NAMES[label]}\n")
@@ -160,7 +176,8 @@ def build_demo_dataset(output_dir: str, *, train_per_class: int = 100, val_per_c
 
   train_dir = os.path.join(output_dir, "train")
   val_dir = os.path.join(output_dir, "val")
-  common = dict(video_root=video_dir, short_side=None, workers=workers, progress=progress)
+  common = dict(video_root=video_dir, short_side=None, workers=workers, progress=progress,
+                frames_per_video=frames_per_video)
   train_info = make_shards.make_shards(os.path.join(output_dir, "train.csv"), train_dir,
                                        num_train_shards, **common)
   label_map = os.path.join(train_dir, "labels.txt")
@@ -191,10 +208,21 @@ def prepare(config, workdir: str):
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.train_shards = os.path.join(demo_dir, "train")
   config.data.eval_shards = config.data.eval_shards or os.path.join(demo_dir, "val")
-  if jax.process_index() == 0 and not os.path.exists(os.path.join(demo_dir, "DONE")):
+  settings = config.demo_dataset.to_dict()
+  layout = {k: int(settings.get(k, 0)) for k in ("oversample", "frames_per_video")
+            if int(settings.get(k, 0)) > (1 if k == "oversample" else 0)}
+  done = os.path.join(demo_dir, "DONE")
+  if jax.process_index() == 0 and not os.path.exists(done):
     logging.info("Demo: writing the synthetic motion dataset to %s ...", demo_dir)
-    build_demo_dataset(demo_dir, progress=True, **config.demo_dataset.to_dict())
-    open(os.path.join(demo_dir, "DONE"), "w").close()
+    build_demo_dataset(demo_dir, progress=True, **settings)
+    with open(done, "w") as f:
+      f.write(json.dumps(layout) if layout else "")
+  if os.path.exists(done):
+    with open(done) as f:
+      built = json.loads(f.read() or "{}")
+    if built != layout:
+      raise ValueError(f"{demo_dir} holds the demo data built with config.demo_dataset {built or 'defaults'}, "
+                       f"not {layout or 'defaults'}: give another --workdir or --config.demo_data_dir.")
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("demo_data")
@@ -211,12 +239,15 @@ def main(argv: Sequence[str] | None = None) -> None:
   flags.DEFINE_integer("width", 80, "Frame width.")
   flags.DEFINE_integer("seed", 0, "Random seed.")
   flags.DEFINE_integer("workers", 2, "Shard-writing processes.")
+  flags.DEFINE_integer("oversample", 1, "Film the same motion with this many times the frames.")
+  flags.DEFINE_integer("frames_per_video", 0, "make_shards --frames_per_video (0: every frame).")
 
   def run(_):
     f = flags.FLAGS
     out = build_demo_dataset(f.output_dir, train_per_class=f.train_per_class,
                              val_per_class=f.val_per_class, num_frames=f.num_frames, height=f.height,
-                             width=f.width, seed=f.seed, workers=f.workers, progress=True)
+                             width=f.width, seed=f.seed, workers=f.workers, progress=True,
+                             oversample=f.oversample, frames_per_video=f.frames_per_video)
     print(f"train: {out['train_dir']}  val: {out['val_dir']}  labels: {out['label_map']}")
 
   app.run(run, argv=list(argv) if argv else None)

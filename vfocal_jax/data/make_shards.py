@@ -2,11 +2,18 @@ r"""Turns a folder of videos + a CSV (`path,label` per line) into TFRecord shard
 
     python -m vfocal_jax.data.make_shards --csv train.csv --video_root videos/ \
         --output_dir shards/train --num_shards 64 [--short_side 256] \
-        [--max_fps 30] [--jpeg_quality 90] [--workers 8] [--label_map shards/train/labels.txt]
+        [--max_fps 30] [--frames_per_video 32] [--jpeg_quality 90] [--workers 8] \
+        [--label_map shards/train/labels.txt]
 
 Each video is decoded with PyAV (FFmpeg), resized so its short side has
 `--short_side` pixels, JPEG-encoded frame by frame and written as one
 `tf.train.SequenceExample` (format: `vfocal_jax/input_pipeline/shard_format.py`).
+
+* `--frames_per_video=M` keeps M frames of each video, the centres of M equal
+  segments (a video of at most M frames keeps them all), with their indices
+  and the video's frame count: a record is about M / N of the whole video's,
+  and segment sampling draws among the kept frames (`input_pipeline/sampling.py`).
+  0 (the default) keeps every frame.
 
 * Every path may be a local path or a ``gs://`` URL: the CSV, `--video_root`
   and the videos (read through etils.epath), `--label_map`, and `--output_dir`
@@ -23,7 +30,8 @@ Each video is decoded with PyAV (FFmpeg), resized so its short side has
   complete, so finished shards are kept and only missing ones are written
   (a shard whose videos or settings changed is written again).
 * `dataset_info.json` records the per-shard counts (the eval pipeline uses
-  them to pad every host to the same number of batches) and the class names.
+  them to pad every host to the same number of batches), the class names and
+  `frames_per_video`.
 """
 from __future__ import annotations
 
@@ -135,14 +143,26 @@ def assign_shards(entries: Sequence[VideoEntry], num_shards: int, seed: int) -> 
   return shards
 
 
+def stored_frame_indices(num_frames: int, frames_per_video: int) -> np.ndarray:
+  """Which frames a record keeps: the centre floor((k + 1/2) N / M) of each of M equal
+  segments of the N frames, increasing; every frame when M = 0 or N <= M."""
+  if frames_per_video <= 0 or num_frames <= frames_per_video:
+    return np.arange(num_frames, dtype=np.int64)
+  k = np.arange(frames_per_video, dtype=np.int64)
+  return (2 * k + 1) * num_frames // (2 * frames_per_video)
+
+
 def _encode_jpegs(frames: np.ndarray, quality: int) -> list[bytes]:
   return [tf.io.encode_jpeg(f, quality=quality).numpy() for f in frames]
 
 
 def write_shard(output_path: str, entries: Sequence[VideoEntry], *, short_side: int | None,
-                max_fps: float | None, jpeg_quality: int, fingerprint: str = "",
+                max_fps: float | None, jpeg_quality: int, frames_per_video: int = 0, fingerprint: str = "",
                 decode_fn: Callable[..., np.ndarray] | None = None) -> dict:
   """Writes one shard (local or ``gs://``) under a temporary name, then renames it; returns its stats.
+
+  `frames_per_video` > 0 keeps that many frames of each video (`stored_frame_indices`)
+  and records their indices and the video's frame count.
 
   The stats (count, frames, failed videos) are also written beside the shard
   as `<shard>.json`; a shard is complete when that file exists. A video
@@ -153,7 +173,7 @@ def write_shard(output_path: str, entries: Sequence[VideoEntry], *, short_side: 
   from vfocal_jax.input_pipeline.video_io import VideoDecodeError, decode_video_file
   decode_fn = decode_fn or decode_video_file
 
-  count, num_frames, failed = 0, 0, []
+  count, num_frames, num_video_frames, failed = 0, 0, 0, []
   tmp_path = output_path + ".tmp"
   with tf.io.TFRecordWriter(tmp_path) as writer:
     for entry in entries:
@@ -168,14 +188,21 @@ def write_shard(output_path: str, entries: Sequence[VideoEntry], *, short_side: 
       except Exception as e:  # Keep going whatever the decoder throws.
         failed.append((entry.path, f"{type(e).__name__}: {e}"))
         continue
+      kept = {}
+      if frames_per_video > 0:
+        index = stored_frame_indices(len(frames), frames_per_video)
+        kept = dict(frame_index=index.tolist(), num_video_frames=len(frames))
+        num_video_frames += len(frames)
+        frames = frames[index]
       example = shard_format.make_sequence_example(
           _encode_jpegs(frames, jpeg_quality), entry.label, label_text=entry.label_text,
-          filename=entry.path)
+          filename=entry.path, **kept)
       writer.write(example.SerializeToString())
       count += 1
       num_frames += len(frames)
   stats = {"shard": sources.basename(output_path), "num_examples": count,
-           "num_frames": num_frames, "failed": failed, "fingerprint": fingerprint}
+           "num_frames": num_frames, "num_video_frames": num_video_frames or num_frames,
+           "failed": failed, "fingerprint": fingerprint}
   tf.io.gfile.rename(tmp_path, output_path, overwrite=True)
   sources.write_text(output_path + ".json", json.dumps(stats))
   return stats
@@ -202,8 +229,8 @@ def _write_shard_job(args: tuple) -> dict:
 
 def make_shards(csv: str, output_dir: str, num_shards: int, *, video_root: str | None = None,
                 short_side: int | None = 256, max_fps: float | None = None, jpeg_quality: int = 90,
-                workers: int = 1, label_map: str | None = None, shuffle_seed: int = 0,
-                progress: bool = True) -> dict:
+                frames_per_video: int = 0, workers: int = 1, label_map: str | None = None,
+                shuffle_seed: int = 0, progress: bool = True) -> dict:
   """Writes the shards of one split; returns the summary also saved as dataset_info.json.
 
   Args:
@@ -217,6 +244,8 @@ def make_shards(csv: str, output_dir: str, num_shards: int, *, video_root: str |
       (None keeps the original size).
     max_fps: drop frames of faster videos to at most this rate.
     jpeg_quality: 1..100.
+    frames_per_video: keep this many frames of each video, the centres of as
+      many equal segments (0: every frame).
     workers: parallel processes (1: in this process).
     label_map: an existing `labels.txt` to use instead of building one.
     shuffle_seed: seed of the video -> shard assignment.
@@ -234,7 +263,11 @@ def make_shards(csv: str, output_dir: str, num_shards: int, *, video_root: str |
                        "".join(name + "\n" for name in label_names))
   entries = resolve_entries(rows, video_root, label_names)
   shards = assign_shards(entries, num_shards, shuffle_seed)
+  if frames_per_video < 0:
+    raise ValueError(f"--frames_per_video={frames_per_video}: expected 0 (every frame) or a positive count.")
   kwargs = dict(short_side=short_side, max_fps=max_fps, jpeg_quality=jpeg_quality)
+  if frames_per_video:  # Not in the fingerprint at 0: shards written before the option stay valid.
+    kwargs["frames_per_video"] = int(frames_per_video)
 
   jobs, stats = [], {}
   for i, shard_entries in enumerate(shards):
@@ -274,6 +307,8 @@ def make_shards(csv: str, output_dir: str, num_shards: int, *, video_root: str |
       "label_names": label_names,
       "shards": {stats[i]["shard"]: stats[i]["num_examples"] for i in sorted(stats)},
       "num_frames": sum(s["num_frames"] for s in stats.values()),
+      "num_video_frames": sum(s.get("num_video_frames", s["num_frames"]) for s in stats.values()),
+      "frames_per_video": int(frames_per_video),
       "short_side": short_side,
       "max_fps": max_fps,
       "jpeg_quality": jpeg_quality,
@@ -306,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   flags.DEFINE_integer("num_shards", 16, "Number of TFRecord files.")
   flags.DEFINE_integer("short_side", 256, "Resize frames to this short side (0: keep).")
   flags.DEFINE_float("max_fps", 0, "Keep at most this many frames per second (0: all).")
+  flags.DEFINE_integer("frames_per_video", 0, "Keep this many frames of each video, at the centres of as "
+                       "many equal segments (0: every frame).")
   flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality of the stored frames.")
   flags.DEFINE_integer("workers", max(1, (os.cpu_count() or 1)), "Parallel processes.")
   flags.DEFINE_string("label_map", None, "Existing labels.txt to reuse (e.g. train's for val).")
@@ -315,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     f = flags.FLAGS
     make_shards(f.csv, f.output_dir, f.num_shards, video_root=f.video_root,
                 short_side=f.short_side or None, max_fps=f.max_fps or None,
-                jpeg_quality=f.jpeg_quality, workers=f.workers, label_map=f.label_map,
+                jpeg_quality=f.jpeg_quality, frames_per_video=f.frames_per_video, workers=f.workers, label_map=f.label_map,
                 shuffle_seed=f.shuffle_seed)
 
   app.run(run, argv=list(argv) if argv else None)

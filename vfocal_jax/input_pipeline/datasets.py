@@ -23,7 +23,7 @@ import os
 import ml_collections
 import tensorflow as tf
 
-from vfocal_jax.input_pipeline import records, sources, transforms
+from vfocal_jax.input_pipeline import records, sampling, sources, transforms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +84,28 @@ def _shard_set(cfg, train: bool) -> sources.ShardSet:
   return shard_set
 
 
+def check_sampling_fits(cfg, shard_set: sources.ShardSet) -> None:
+  """Refuses dense sampling on shards that keep only some frames per video (SamplingError).
+
+  dataset_info.json says so (`frames_per_video`); shards without it are asked through
+  their first record.
+  """
+  if cfg.sampling != "dense":
+    return
+  if shard_set.frames_per_video > 0:
+    sampling.check_sampling(cfg.sampling, shard_set.frames_per_video,
+                            f"{shard_set.frames_per_video_source}: frames_per_video={shard_set.frames_per_video}")
+    return
+  kept = sources.first_record_kept_frames(shard_set.files[0])
+  if kept is not None:
+    sampling.check_sampling(cfg.sampling, kept[0], f"the first record of {shard_set.files[0]} keeps {kept[0]} "
+                                                   f"of its {kept[1]} frames")
+
+
 def _open_shards(cfg, *, train: bool, seed: int, process_index: int, process_count: int,
                  repeat: bool, need_counts: bool) -> _Split:
   shard_set = _shard_set(cfg, train)
+  check_sampling_fits(cfg, shard_set)
   splits = [sources.split_for_host(shard_set, p, process_count) for p in range(process_count)]
   per_host = None
   if need_counts:

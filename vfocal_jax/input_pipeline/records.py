@@ -1,6 +1,7 @@
 """One record -> one clip (or the eval views), and the skip-and-count of bad records.
 
-Per record, inside the parallel tf.data map: parse, sample frame indices,
+Per record, inside the parallel tf.data map: parse, sample frame indices
+(on the video's timeline when the record keeps only some frames: `sampling.py`),
 decode only those JPEGs (inside the crop window), crop, flip, resize to uint8,
 draw the colour jitter (train) or make all test views (eval).
 
@@ -87,8 +88,9 @@ def train_clip(ex: dict, seed: tf.Tensor, cfg, *, kind: str, num_frames: int,
   """
   frames = ex["frames"]
   n = tf.shape(frames)[0]
-  idx = sampling.train_indices(n, num_frames, sampling=cfg.sampling, interval=int(cfg.frame_interval),
-                               seed=tf.random.experimental.stateless_fold_in(seed, 1))
+  idx = sampling.train_positions(n, num_frames, sampling=cfg.sampling, interval=int(cfg.frame_interval),
+                                 seed=tf.random.experimental.stateless_fold_in(seed, 1),
+                                 frame_index=ex.get("frame_index"), num_video_frames=ex.get("num_video_frames"))
   height, width = tf.unstack(_frame_shape(frames, kind))
   # The crop is drawn on the frame resized to short side R, then mapped back
   # to the stored frame so that only the crop window is decoded and resized.
@@ -128,8 +130,9 @@ def eval_clip(ex: dict, seed: tf.Tensor, cfg, *, kind: str, num_frames: int, ima
   """All test views of one video, (V, T, S, S, 3) uint8 (normalised by the `pixel_affine` of the batch)."""
   frames = ex["frames"]
   n = tf.shape(frames)[0]
-  idx = sampling.eval_indices(n, num_frames, sampling=cfg.sampling, interval=int(cfg.frame_interval),
-                              num_clips=num_clips, clip_offsets=cfg.eval_clip_offsets, seed=seed)
+  idx = sampling.eval_positions(n, num_frames, sampling=cfg.sampling, interval=int(cfg.frame_interval),
+                                num_clips=num_clips, clip_offsets=cfg.eval_clip_offsets, seed=seed,
+                                frame_index=ex.get("frame_index"), num_video_frames=ex.get("num_video_frames"))
   picked = _gather_frames(frames, tf.reshape(idx, [-1]), kind, num_clips * num_frames)
   views = transforms.eval_views(picked, num_clips=num_clips, num_frames=num_frames,
                                 image_size=image_size, num_crops=num_crops,

@@ -15,6 +15,21 @@ Segment sampling follows the official Video-FocalNets sampler (mmaction's
 * test: `avg = (n - interval + 1) / T` (float), index `int(t * avg + avg / 2)`
   (the segment centre), or 0 when n < interval.
 * short videos loop: indices are taken modulo n.
+
+Records that keep only some frames (`make_shards --frames_per_video=M`:
+frames at the centres of M equal segments, with their indices in the video,
+`frame_index`, and its length `n`) are sampled on the video's own timeline:
+
+* train: segment t is [t * span / T, (t + 1) * span / T) of the video's
+  frames, span = n - interval + 1; one of the stored frames inside it is
+  drawn uniformly (M = k T stores k per segment); a segment with none (M <
+  T, or a video shorter than T) takes the stored frame nearest its centre.
+* test: the frame the test rule above picks on the whole video (the centre,
+  or clip k's point), replaced by the nearest stored frame (ties: the earlier).
+* dense sampling needs consecutive frames: the pipeline refuses such shards
+  before building the dataset (`check_sampling`).
+
+Records without `frame_index` (every frame stored) use the rules above as they are.
 """
 from __future__ import annotations
 
@@ -76,6 +91,92 @@ def dense_test_indices(n: tf.Tensor, num_frames: int, interval: int, num_clips: 
   starts = tf.where(n > span - 1, starts, tf.zeros_like(starts))
   idx = starts[:, None] + tf.range(num_frames)[None, :] * interval
   return tf.math.floormod(idx, tf.maximum(n, 1))
+
+
+class SamplingError(ValueError):
+  """The sampling config does not fit the shards (a user error: one line naming the field)."""
+
+
+def check_sampling(sampling: str, frames_per_video: int, where: str) -> None:
+  """Refuses dense sampling on shards that keep M > 0 frames per video (`where` names them)."""
+  if sampling == "dense" and frames_per_video > 0:
+    raise SamplingError(
+        f"data.sampling='dense' needs consecutive frames, but the shards keep only {frames_per_video} "
+        f"frames per video, at segment centres ({where}): set data.sampling='segment', or write the "
+        f"shards again with make_shards --frames_per_video=0.")
+
+
+def nearest_stored(frame_index: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
+  """Positions in `frame_index` (increasing) of the stored frame nearest each target
+  frame (ties: the earlier), int32 of the shape of `targets`."""
+  frame_index = tf.cast(frame_index, tf.int32)
+  flat = tf.reshape(tf.cast(targets, tf.int32), [-1])
+  last = tf.size(frame_index) - 1
+  after = tf.searchsorted(frame_index, flat, side="left", out_type=tf.int32)  # first >= target
+  lo, hi = tf.maximum(after - 1, 0), tf.minimum(after, last)
+  d_lo = tf.abs(flat - tf.gather(frame_index, lo))
+  d_hi = tf.abs(tf.gather(frame_index, hi) - flat)
+  return tf.reshape(tf.where(d_hi < d_lo, hi, lo), tf.shape(targets))
+
+
+def stored_segment_train_positions(frame_index: tf.Tensor, n: tf.Tensor, num_frames: int, interval: int,
+                                   seed: tf.Tensor) -> tf.Tensor:
+  """Training segment sampling among stored frames (module docstring), (num_frames,) positions."""
+  frame_index = tf.cast(frame_index, tf.int32)
+  n = tf.cast(n, tf.int32)
+  span = tf.maximum(n - interval + 1, 1)
+  t = tf.range(num_frames + 1, dtype=tf.int32)
+  bounds = (t * span + num_frames - 1) // num_frames       # ceil(t * span / T): first frame of segment t
+  first = tf.searchsorted(frame_index, bounds, side="left", out_type=tf.int32)
+  start, count = first[:-1], first[1:] - first[:-1]        # stored frames inside each segment
+  u = tf.random.stateless_uniform([num_frames], seed, dtype=tf.float32)
+  pick = start + tf.minimum(tf.cast(tf.floor(u * tf.cast(count, tf.float32)), tf.int32),
+                            tf.maximum(count - 1, 0))
+  centre = nearest_stored(frame_index, segment_test_indices(n, num_frames, interval)[0])
+  return tf.where(count > 0, pick, centre)
+
+
+def _video_length(frame_index: tf.Tensor, num_video_frames: tf.Tensor) -> tf.Tensor:
+  """The video's frame count; the last stored index + 1 when the record does not say."""
+  last = tf.cast(tf.reduce_max(frame_index), tf.int32) + 1
+  return tf.where(num_video_frames > 0, tf.cast(num_video_frames, tf.int32), last)
+
+
+def train_positions(num_stored: tf.Tensor, num_frames: int, *, sampling: str, interval: int, seed: tf.Tensor,
+                    frame_index: tf.Tensor | None = None,
+                    num_video_frames: tf.Tensor | None = None) -> tf.Tensor:
+  """Which stored frames make a training clip, (num_frames,) positions in [0, num_stored).
+
+  With `frame_index` (non-empty: a record keeping some frames) segment
+  sampling works on the video's timeline; otherwise stored frame i is frame i.
+  """
+  every_frame = lambda: train_indices(num_stored, num_frames, sampling=sampling,  # noqa: E731
+                                      interval=interval, seed=seed)
+  if frame_index is None or sampling != "segment":
+    return every_frame()
+  some = lambda: stored_segment_train_positions(  # noqa: E731
+      frame_index, _video_length(frame_index, num_video_frames), num_frames, interval, seed)
+  return tf.cond(tf.size(frame_index) > 0, some, every_frame)
+
+
+def eval_positions(num_stored: tf.Tensor, num_frames: int, *, sampling: str, interval: int, num_clips: int,
+                   clip_offsets: str = "uniform", seed: tf.Tensor | None = None,
+                   frame_index: tf.Tensor | None = None,
+                   num_video_frames: tf.Tensor | None = None) -> tf.Tensor:
+  """Which stored frames make the test clips, (num_clips, num_frames) positions (see `eval_indices`)."""
+  every_frame = lambda: eval_indices(num_stored, num_frames, sampling=sampling, interval=interval,  # noqa: E731
+                                     num_clips=num_clips, clip_offsets=clip_offsets, seed=seed)
+  if frame_index is None or sampling != "segment":
+    return every_frame()
+
+  def some():
+    n = _video_length(frame_index, num_video_frames)
+    if clip_offsets == "random" and num_clips > 1:
+      return tf.stack([stored_segment_train_positions(frame_index, n, num_frames, 1, _fold(seed, 100 + k))
+                       for k in range(num_clips)])
+    return nearest_stored(frame_index, eval_indices(n, num_frames, sampling=sampling, interval=interval,
+                                                    num_clips=num_clips, clip_offsets=clip_offsets, seed=seed))
+  return tf.cond(tf.size(frame_index) > 0, some, every_frame)
 
 
 def train_indices(n: tf.Tensor, num_frames: int, *, sampling: str, interval: int,

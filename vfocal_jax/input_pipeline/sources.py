@@ -77,6 +77,10 @@ class ShardSet:
   counts: tuple[int, ...] | None      # records per file, when known
   num_classes: int | None
   label_names: tuple[str, ...] | None
+  # make_shards --frames_per_video of the shards (the largest if directories differ; 0: every
+  # frame, or unknown) and the dataset_info.json that says so.
+  frames_per_video: int = 0
+  frames_per_video_source: str = ""
 
   @property
   def num_examples(self) -> int | None:
@@ -119,6 +123,11 @@ def load_shard_set(spec: str, label_map: str = "") -> ShardSet:
       per_file[join(directory, name)] = int(n)
   if files and all(f in per_file for f in files):
     counts = tuple(per_file[f] for f in files)
+  frames_per_video, frames_source = 0, ""
+  for directory, info in infos.items():
+    if int(info.get("frames_per_video") or 0) > frames_per_video:
+      frames_per_video = int(info["frames_per_video"])
+      frames_source = join(directory, shard_format.INFO_FILENAME)
   if infos:
     first = next(iter(infos.values()))
     num_classes = first.get("num_classes")
@@ -129,7 +138,25 @@ def load_shard_set(spec: str, label_map: str = "") -> ShardSet:
     num_classes = len(label_names)
   elif label_map:
     raise FileNotFoundError(f"Label map {label_map!r} not found.")
-  return ShardSet(tuple(files), counts, num_classes, label_names)
+  return ShardSet(tuple(files), counts, num_classes, label_names, frames_per_video, frames_source)
+
+
+def first_record_kept_frames(path: str) -> tuple[int, int] | None:
+  """(stored frames, the video's frames) when the first record of a shard file keeps only
+  some of its video's frames (it has `image/frame_index`); None otherwise or when unreadable.
+
+  Shards without dataset_info.json say this way that they were written with
+  make_shards --frames_per_video.
+  """
+  for record in tf.data.TFRecordDataset(path).take(1).ignore_errors():
+    try:
+      ex = shard_format.parse_sequence_example(record)
+    except tf.errors.OpError:
+      return None
+    if int(tf.size(ex["frame_index"])) == 0:
+      return None
+    return int(tf.shape(ex["frames"])[0]), int(ex["num_video_frames"])
+  return None
 
 
 @dataclasses.dataclass(frozen=True)
