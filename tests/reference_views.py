@@ -3,8 +3,10 @@
 Written from the released test protocol, not from the library: segment
 sampling takes, in each of T equal segments of the first n - interval + 1
 frames, the point at fraction (k + 0.5) / clips (clip k); 3 crops lie along
-the long side (start, centre, end) of frames whose short side is already the
-input size; pixels are normalised with the ImageNet mean/std.
+the long side of frames whose short side is already the input size, at the
+official ThreeCrop's offsets 0, 2 * step, step (left, right, middle), step =
+(long - short) // 2: for an odd difference the right crop stops one pixel
+short of the edge; pixels are normalised with the ImageNet mean/std.
 """
 import numpy as np
 
@@ -20,9 +22,8 @@ def eval_views(frames: np.ndarray, *, num_frames: int, size: int, clips: int, cr
   n, h, w, _ = frames.shape
   assert min(h, w) == size, "the reference needs no resize: the short side must be the input size"
   avg = (n - interval + 1) / num_frames
-  starts = [0] if crops == 1 else [0, (max(h, w) - size) // 2, max(h, w) - size]
-  if crops == 1:
-    starts = [(max(h, w) - size) // 2]
+  step = (max(h, w) - size) // 2
+  starts = [step] if crops == 1 else [0, 2 * step, step]
   views = []
   for k in range(clips):
     clip = frames[[int(t * avg + avg * (k + 0.5) / clips) % n for t in range(num_frames)]]

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+import reference_views
 import tensorflow as tf
 
 from vfocal_jax.data import make_shards, testing
@@ -310,6 +311,20 @@ def test_eval_views_clips_and_crops(shards):
         mean_b = views[v][..., 2].mean()            # ramp mean over columns x0 .. x0 + S - 1
         assert abs(mean_b - (40 + 4 * (crop_x[crop] + (S - 1) / 2))) < 2, (v, mean_b)
   assert count == len(LENGTHS)
+
+
+@pytest.mark.parametrize("height,width", [(32, 49), (51, 32), (32, 47)])   # long - short odd: 17, 19, 15
+def test_three_crops_of_an_odd_size_difference_match_the_reference(height, width):
+  """The official ThreeCrop offsets 0, 2 * step, step (step = (long - short) // 2), pixel for pixel."""
+  frames = np.random.default_rng(width).integers(0, 256, (9, height, width, 3)).astype(np.uint8)
+  cfg = plain_cfg("unused")
+  views, affine = ip.eval_views_from_frames(frames, num_frames=T, image_size=S, num_clips=2, num_crops=3,
+                                            data_cfg=cfg)
+  expected = reference_views.eval_views(frames, num_frames=T, size=S, clips=2, crops=3,
+                                        interval=int(cfg.frame_interval), normalise=False)
+  np.testing.assert_array_equal(views, expected)
+  np.testing.assert_allclose(affine[:3], np.diag(1 / reference_views.STD), rtol=1e-6)
+  np.testing.assert_allclose(affine[3], -reference_views.MEAN / reference_views.STD, rtol=1e-6)
 
 
 def test_eval_single_centre_crop_after_resize(shards):
