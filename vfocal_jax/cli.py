@@ -10,10 +10,13 @@ Commands:
   convert    PyTorch `.pth` -> converted checkpoint (--pth, --output_dir, --variant),
              or Flax -> safetensors with the official key names (--to_torch).
   summary    parameters and GMACs per view of a config.
-  predict    classify video files (--video or a CSV of paths).
+  predict    classify video files (--video or a CSV of paths), with Flax or an
+             exported model (--exported).
   visualize  frames, spatial/temporal modulator maps and top-5 as PNG figures.
   plan       compile the train and eval steps for a TPU slice (--topology) or the
              local devices: per-chip memory, FLOPs, the compiler's step-time estimate.
+  export     a serving artifact of --checkpoint or --workdir in --output_dir: jax.export
+             (model.jax), a TF SavedModel, golden clips, the card (docs/serving.md).
 
 ``--config`` takes a config by name (``k400_base``: the files of
 ``vfocal_jax/configs``, shipped in the package) or a path. Every path may be a
@@ -36,7 +39,7 @@ from ml_collections import config_flags  # noqa: E402
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 DEMO_CONFIG = os.path.join(CONFIG_DIR, "demo.py")
-COMMANDS = ("train", "eval", "convert", "summary", "predict", "visualize", "plan")
+COMMANDS = ("train", "eval", "convert", "summary", "predict", "visualize", "plan", "export")
 EXIT_USER_ERROR = 2
 
 FLAGS = flags.FLAGS
@@ -51,7 +54,8 @@ flags.DEFINE_string("checkpoint", None, "A converted checkpoint or a training wo
                     "fine-tuning).")
 # convert.
 flags.DEFINE_string("pth", None, "convert: PyTorch checkpoint file (.pth) to read.")
-flags.DEFINE_string("output_dir", None, "convert: where to write the converted checkpoint; visualize: where PNGs go.")
+flags.DEFINE_string("output_dir", None, "convert: where to write the converted checkpoint; visualize: where PNGs go; "
+                    "export: where to write the export.")
 flags.DEFINE_string("variant", None, "convert: tiny | small | base (checked against the weights).")
 flags.DEFINE_string("to_torch", None, "convert: write this safetensors file from --checkpoint or --workdir instead.")
 flags.DEFINE_bool("allow_partial", False, "convert: load what matches and print the report of what did not.")
@@ -61,6 +65,9 @@ flags.DEFINE_list("video", None, "predict/visualize: video file(s), or one .csv 
 flags.DEFINE_string("labels", None, "predict: class names to show; convert: class names for the model card "
                     "(one per line, or the official id,name CSV).")
 flags.DEFINE_string("output_csv", None, "predict: write top-5 per video here.")
+flags.DEFINE_string("exported", None, "predict: an export directory (written by `export`) to run instead of Flax.")
+# export.
+flags.DEFINE_bool("overwrite", False, "export: replace an existing export in --output_dir.")
 # plan.
 flags.DEFINE_string("topology", None, "plan: a TPU slice (v5e:2x2, v4:2x2x1, ...) or 'local' (default).")
 flags.DEFINE_string("json", None, "plan: also write the report as JSON here.")
@@ -166,6 +173,12 @@ def run_command(command: str, config, *, config_given: bool, overrides: frozense
             allow_partial=FLAGS.allow_partial, imagenet=FLAGS.imagenet, labels=FLAGS.labels,
             config_given=config_given)
     return
+  if command == "export":
+    from vfocal_jax.export import writer
+    writer.run(config if config_given or overrides else None, checkpoint=FLAGS.checkpoint, workdir=FLAGS.workdir,
+               output_dir=FLAGS.output_dir, overwrite=FLAGS.overwrite, config_given=config_given,
+               overrides=overrides)
+    return
   if FLAGS.workdir is None and command == "train":
     raise app.UsageError("--workdir is required: checkpoints and metrics go there.")
   _init_distributed()
@@ -183,7 +196,7 @@ def run_command(command: str, config, *, config_given: bool, overrides: frozense
   elif command == "predict":
     from vfocal_jax import predict
     predict.run(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, videos=FLAGS.video,
-                labels=FLAGS.labels, output_csv=FLAGS.output_csv, **artifact)
+                labels=FLAGS.labels, output_csv=FLAGS.output_csv, exported=FLAGS.exported, **artifact)
   elif command == "visualize":
     from vfocal_jax import visualize
     visualize.run(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, videos=FLAGS.video,

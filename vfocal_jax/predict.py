@@ -3,6 +3,7 @@
     python main.py predict --checkpoint=converted/k400_tiny --video=a.mp4,gs://bucket/b.webm \
         [--labels=kinetics_400_labels.csv] [--output_csv=predictions.csv]
     python main.py predict --workdir=workdir/demo --video=videos.csv
+    python main.py predict --exported=exported/k400_tiny --video=a.mp4
 
 The model, its clip, its evaluation views (clips x crops, short side,
 normalisation) and its class names come from the artifact's model card
@@ -11,14 +12,15 @@ cut into those views as the eval pipeline cuts them; the views of several
 videos go through one jitted forward (`batch.view_probabilities`: the
 softmax averaged over each video's views). A video that cannot be read is
 reported and skipped, the others are still predicted, and the command then
-exits with status 1.
+exits with status 1. With `--exported=OUT` (written by `export`) the same
+views go through the exported program instead (`vfocal_jax.export.load`).
 """
 from __future__ import annotations
 
 import csv
 import functools
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -26,11 +28,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vfocal_jax import artifacts, paths
+from vfocal_jax import artifacts, model_card, paths
 from vfocal_jax import batch as batch_lib
 
 __all__ = ["read_video_list", "read_class_names", "video_views", "make_predict_fn", "predict_videos",
-           "write_csv", "run", "top_classes", "PredictionFailed"]
+           "predict_exported_videos", "classify_videos", "exported_config", "write_csv", "run", "top_classes",
+           "PredictionFailed"]
 
 TOP_K = 5
 EXIT_STATUS_FAILED = 1  # `main.py predict` / `visualize` when any video could not be read.
@@ -130,14 +133,35 @@ def predict_videos(loaded: artifacts.Loaded, videos: Sequence[str], *, batch_siz
     `top` (list of `(class_index, class_name, probability)`), `probs`
     (float32 vector, None on error), `num_views`.
   """
+  fn = make_predict_fn(loaded.model)
+  params = jax.device_put(loaded.params)
+  return classify_videos(lambda views, affine: fn(params, views, affine), loaded.config, videos,
+                         num_classes=int(loaded.model.num_classes), batch_size=batch_size, class_names=class_names)
+
+
+def predict_exported_videos(exported: Any, config: ml_collections.ConfigDict, videos: Sequence[str], *,
+                            batch_size: int | None = None,
+                            class_names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+  """`predict_videos` through an exported model (`vfocal_jax.export.load`): the same decoding and views.
+
+  The export normalises inside with the card's mean/std, so the views' `pixel_affine` is not used.
+  """
+  return classify_videos(lambda views, affine: exported.views(views), config, videos,
+                         num_classes=int(exported.num_classes), batch_size=batch_size, class_names=class_names)
+
+
+def classify_videos(probabilities_fn: Callable[[np.ndarray, np.ndarray], Any], config: ml_collections.ConfigDict,
+                    videos: Sequence[str], *, num_classes: int, batch_size: int | None = None,
+                    class_names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+  """Decodes each video, cuts the eval views of `config`, and ranks `probabilities_fn(views, affine)`.
+
+  `probabilities_fn` maps uint8 views (B, V, T, H, W, 3) and their `pixel_affine` (B, 5, 3) to
+  probabilities (B, C); B is always `batch_size` (short batches are padded: one compilation).
+  """
   from vfocal_jax.input_pipeline import decode_video_file  # pylint: disable=import-outside-toplevel
-  config = loaded.config
-  num_classes = int(loaded.model.num_classes)
   names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
   if not batch_size:
     batch_size = max(1, MAX_CLIPS_PER_CALL // (int(config.test_num_clips) * int(config.test_num_crops)))
-  fn = make_predict_fn(loaded.model)
-  params = jax.device_put(loaded.params)
   results: list[dict[str, Any]] = []
   pending: list[tuple[dict[str, Any], np.ndarray, np.ndarray]] = []
 
@@ -150,7 +174,7 @@ def predict_videos(loaded: artifacts.Loaded, videos: Sequence[str], *, batch_siz
     if n < batch_size:  # Pad to a fixed batch: one compilation for every call.
       views = np.concatenate([views, np.zeros((batch_size - n,) + views.shape[1:], views.dtype)])
       affine = np.concatenate([affine, np.repeat(affine[:1], batch_size - n, axis=0)])
-    probs = np.asarray(fn(params, views, affine))[:n]
+    probs = np.asarray(probabilities_fn(views, affine))[:n]
     for (result, _, _), p in zip(pending, probs):
       result["probs"] = p
       result["top"] = top_classes(p, names)
@@ -206,11 +230,23 @@ def write_csv(results: Sequence[dict[str, Any]], path: str) -> str:
   return paths.write_text(path, out.getvalue())
 
 
+def exported_config(card: dict[str, Any], config: ml_collections.ConfigDict | None = None, *,
+                    config_given: bool = False, overrides: Iterable[str] = (), source: str = ""
+                    ) -> ml_collections.ConfigDict:
+  """The clip and view fields of an export's card applied to `config` (as `artifacts.load` applies them)."""
+  card_fields = model_card.ModelCard.from_json(card, source=source)
+  config = ml_collections.ConfigDict(config.to_dict() if config is not None else {})
+  return model_card.apply_card(config, card_fields, config_given=config_given, overrides=overrides,
+                               fields=model_card.CLIP_FIELDS + model_card.PREPROCESSING_FIELDS, source=source)
+
+
 def run(config: ml_collections.ConfigDict | None, *, workdir: str | None = None, checkpoint: str | None = None,
         videos: Sequence[str] | str | None = None, labels: str | None = None, output_csv: str | None = None,
-        batch_size: int | None = None, config_given: bool = False,
-        overrides: Iterable[str] = ()) -> list[dict[str, Any]]:
+        batch_size: int | None = None, config_given: bool = False, overrides: Iterable[str] = (),
+        exported: str | None = None) -> list[dict[str, Any]]:
   """The `predict` command: prints the top-5 of each video, optionally writes a CSV.
+
+  `exported`: an `export` directory, run through `vfocal_jax.export.load` instead of Flax.
 
   Raises:
     PredictionFailed: after printing (and writing) the others, when any video failed.
@@ -220,13 +256,22 @@ def run(config: ml_collections.ConfigDict | None, *, workdir: str | None = None,
   video_paths = read_video_list(videos)
   if not video_paths:
     raise ValueError(f"No video paths in --video={videos!r}.")
-  loaded = artifacts.load(config, checkpoint=checkpoint, workdir=None if checkpoint else workdir,
-                          config_given=config_given, overrides=overrides)
-  names = read_class_names(labels, int(loaded.model.num_classes), loaded.card.class_names)
-  c = loaded.config
-  print(f"Model: {loaded.source}  ({c.num_frames} frames x {c.image_size}px, "
+  if exported:
+    from vfocal_jax import export  # pylint: disable=import-outside-toplevel
+    model = export.load(exported)
+    c = exported_config(model.card, config, config_given=config_given, overrides=overrides, source=exported)
+    names = read_class_names(labels, model.num_classes, model.class_names)
+    source = f"{exported} (exported)"
+    classify = functools.partial(predict_exported_videos, model, c)
+  else:
+    loaded = artifacts.load(config, checkpoint=checkpoint, workdir=None if checkpoint else workdir,
+                            config_given=config_given, overrides=overrides)
+    names = read_class_names(labels, int(loaded.model.num_classes), loaded.card.class_names)
+    c, source = loaded.config, loaded.source
+    classify = functools.partial(predict_videos, loaded)
+  print(f"Model: {source}  ({c.num_frames} frames x {c.image_size}px, "
         f"{c.test_num_clips} clips x {c.test_num_crops} crops per video)")
-  results = predict_videos(loaded, video_paths, batch_size=batch_size, class_names=names)
+  results = classify(video_paths, batch_size=batch_size, class_names=names)
   for r in results:
     print(format_result(r))
   failed = [r for r in results if r["error"]]
