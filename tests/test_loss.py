@@ -1,0 +1,114 @@
+"""The train step's loss and gradients with mixup / CutMix and label smoothing, against PyTorch float64.
+
+``train.loss_and_grads`` returns the mixing it drew (``MixInfo``: partner rows, ``lam``, CutMix or mixup,
+the box). From those alone the reference blends the normalised clips in NumPy, builds the smoothed soft
+targets (off ``eps / K``, on ``1 - eps + eps / K``, mixed by ``lam``), runs the PyTorch reference model
+(benchmarks/torch_video_focalnet.py, same weights) in float64 and takes the soft-target cross-entropy and
+its gradient with autograd. A step that mixes something other than what it reports, ignores the soft
+targets or the smoothing, or averages differently, moves the loss or the gradients.
+"""
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import torch_video_focalnet as tvf  # noqa: E402
+from multihost_worker import NUM_CLASSES, global_batch, tiny_config  # noqa: E402
+from vfocal_jax import artifacts, train  # noqa: E402
+from vfocal_jax.convert.mapping import flax_to_torch_state_dict, torch_to_flax  # noqa: E402
+
+ARCH = dict(embed_dim=8, depths=(1, 1), focal_levels=(1, 1), num_classes=NUM_CLASSES)
+REC601 = np.array([0.299, 0.587, 0.114])  # The luma weights of the pipeline's colour map (docs/data.md).
+
+
+def _config(smoothing):
+  model = {f"model.{k}": v for k, v in ARCH.items()}
+  return tiny_config(num_frames=2, label_smoothing=smoothing, mixup_alpha=0.8, cutmix_alpha=1.0,
+                     mixup_switch_prob=0.5, **{"model.drop_path_rate": 0.0, **model})
+
+
+def _normalised(batch):
+  """``[r, g, b, 1, mean luma] @ pixel_affine`` per clip, float64 (B, T, H, W, C)."""
+  x = batch["video"].astype(np.float64)
+  a = batch["pixel_affine"].astype(np.float64)
+  luma = (x @ REC601).reshape(len(x), -1).mean(1)[:, None, None, None, None]
+  return np.einsum("bthwc,bcd->bthwd", x, a[:, :3]) + a[:, None, None, None, 3] + luma * a[:, None, None, None, 4]
+
+
+def _reference(torch_model, batch, mix, smoothing):
+  """Loss, top-1 and gradients (torch layout) of the batch blended as ``mix`` says, float64."""
+  x = _normalised(batch)
+  lam, perm = float(mix.lam[0]), np.asarray(mix.perm)
+  if bool(mix.cutmix[0]):
+    box = np.asarray(mix.box_mask[0])[None, None, :, :, None]
+    np.testing.assert_allclose(lam, 1 - box.mean(), rtol=1e-6)  # lam is the box's true area.
+    blended = np.where(box, x[perm], x)
+  else:
+    blended = lam * x + (1 - lam) * x[perm]
+  one_hot = np.eye(NUM_CLASSES)[batch["label"]]
+  soft = one_hot * (1 - smoothing) + smoothing / NUM_CLASSES
+  targets = lam * soft + (1 - lam) * soft[perm]
+
+  torch_model.zero_grad()
+  logits = torch_model(torch.from_numpy(blended).permute(0, 1, 4, 2, 3))
+  loss = -(torch.from_numpy(targets) * torch.log_softmax(logits, -1)).sum(-1).mean()
+  loss.backward()
+  top1 = float(np.mean(logits.detach().numpy().argmax(-1) == batch["label"]))
+  return loss.item(), top1, {k: p.grad.numpy() for k, p in torch_model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def models():
+  torch.manual_seed(0)
+  ref = tvf.randomize_(tvf.VideoFocalNet(num_frames=2, tubelet_size=1, drop_path_rate=0.0, **ARCH), seed=0)
+  with torch.no_grad():  # Confident logits: smoothing then moves the loss a lot (near-uniform ones hardly).
+    ref.head.weight.mul_(10.0)
+  model = artifacts.build_model(_config(0.1))
+  params = torch_to_flax({k: v.detach().numpy() for k, v in ref.state_dict().items()}, model)["params"]
+  return ref.double().train(), model, params
+
+
+def _draws(config, model, params, kinds):
+  """``loss_and_grads`` (compiled once) on test batches until each kind ('mixup', 'cutmix') was drawn."""
+  step = jax.jit(lambda p, b, rng: train.loss_and_grads(model, p, b["video"], b["pixel_affine"], b["label"], rng,
+                                                         config, NUM_CLASSES))
+  found = {}
+  for i in range(20):
+    batch = global_batch(i, config)
+    loss, top1, grads, mix = step(params, batch, jax.random.PRNGKey(i))
+    kind = "cutmix" if bool(mix.cutmix[0]) else "mixup"
+    if kind in kinds and kind not in found:
+      assert 0 < float(mix.lam[0]) < 1 and sorted(np.asarray(mix.perm)) == list(range(len(batch["label"])))
+      found[kind] = batch, (float(loss), float(top1), jax.device_get(grads), jax.device_get(mix))
+    if len(found) == len(kinds):
+      return found
+  raise AssertionError(f"not every kind of {kinds} drawn in 20 steps: {list(found)}")
+
+
+def _check(torch_model, model, batch, got, smoothing):
+  loss, top1, grads, mix = got
+  ref_loss, ref_top1, ref_grads = _reference(torch_model, batch, mix, smoothing)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  assert top1 == ref_top1
+  grads = flax_to_torch_state_dict({"params": grads}, model)
+  assert grads.keys() == ref_grads.keys()
+  for key, ref in ref_grads.items():
+    np.testing.assert_allclose(grads[key], ref, rtol=0, atol=1e-4 * np.abs(ref).max(), err_msg=key)
+
+
+def test_loss_and_gradients_with_mixup_cutmix_and_smoothing_match_torch(models):
+  torch_model, model, params = models
+  for kind, (batch, got) in _draws(_config(0.1), model, params, ("mixup", "cutmix")).items():
+    _check(torch_model, model, batch, got, 0.1)
+    # The test can tell smoothing from none: the reference without smoothing is far from this loss.
+    assert abs(_reference(torch_model, batch, got[3], 0.0)[0] - got[0]) > 100 * 1e-5 * got[0], kind
+
+
+def test_smoothing_off_matches_the_formula_without_it(models):
+  torch_model, model, params = models
+  (batch, got), = _draws(_config(0.0), model, params, ("mixup",)).values()
+  _check(torch_model, model, batch, got, 0.0)
