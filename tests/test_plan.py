@@ -45,7 +45,6 @@ def _nbytes(tree):
 
 @pytest.fixture(scope="module")
 def planned():
-  pytest.importorskip("libtpu")
   return plan.make_report(tiny_config(), topology=TOPOLOGY)
 
 
@@ -104,7 +103,6 @@ def test_report_matches_the_compiled_steps(planned):
 
 
 def test_batch_far_too_large_is_reported_not_raised(tmp_path, capsys):
-  pytest.importorskip("libtpu")
   config = tiny_config(batch_size=4 * 65536)
   path = str(tmp_path / "plan.json")
   report = plan.run(config, topology=TOPOLOGY, json_path=path)
@@ -119,7 +117,6 @@ def test_batch_far_too_large_is_reported_not_raised(tmp_path, capsys):
 
 
 def test_batch_that_does_not_divide_names_the_field(capsys):
-  pytest.importorskip("libtpu")
   report = plan.run(tiny_config(batch_size=6, eval_batch_size=10), topology=TOPOLOGY)
   assert "batch_size=6" in report["train"]["error"] and "'data'" in report["train"]["error"]
   assert "eval_batch_size=10" in report["eval"]["error"]
@@ -128,7 +125,6 @@ def test_batch_that_does_not_divide_names_the_field(capsys):
 
 
 def test_unknown_topology_is_one_line():
-  pytest.importorskip("libtpu")
   with pytest.raises(ValueError, match="topology=v9z:2x2") as info:
     plan.target_devices("v9z:2x2")
   assert "\n" not in str(info.value)
