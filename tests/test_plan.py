@@ -19,6 +19,7 @@ import pytest  # noqa: E402
 from vfocal_jax import plan, tpu_specs  # noqa: E402
 
 TOPOLOGY = "v5e:2x2"
+PER_CORE = 40.0  # --pipeline_clips_per_core
 
 
 def tiny_config(**overrides):
@@ -45,7 +46,7 @@ def _nbytes(tree):
 
 @pytest.fixture(scope="module")
 def planned():
-  return plan.make_report(tiny_config(), topology=TOPOLOGY)
+  return plan.make_report(tiny_config(), topology=TOPOLOGY, pipeline_clips_per_core=PER_CORE)
 
 
 def test_report_matches_the_compiled_steps(planned):
@@ -100,6 +101,41 @@ def test_report_matches_the_compiled_steps(planned):
 
   text = plan.format_report(report)
   assert "compiler's cost-model estimate" in text and "fits" in text and "all-reduce" in text
+
+  # The input side: the clips/s the estimate implies, the host cores that takes, the VM's vCPUs per chip.
+  i, rate = report["input"], report["train"]["estimated_clips_per_second_per_chip"]
+  assert i["clips_per_second_per_chip"] == rate and i["clips_per_second"] == pytest.approx(4 * rate)
+  assert i["host_cores_per_chip"] == pytest.approx(rate / PER_CORE)
+  assert i["host"]["vcpus_per_chip"] == 112 / 4 and i["keeps_up"] == (rate / PER_CORE <= 28)
+  assert i["bytes_per_clip"] is None and "train_shards" in i["bytes_per_clip_source"]
+  assert [r["storage_bytes_per_second_per_chip"] for r in i["reference"]] == pytest.approx([rate * 7.5e6, rate * 0.8e6])
+  assert f"{rate:.1f} clips/s per chip" in text and "28 vCPUs per chip" in text
+
+
+def test_input_budget_from_the_shards(tmp_path):
+  """Bytes per clip = the train shards' bytes / their records (dataset_info.json); cores and bandwidth per chip."""
+  sizes, counts = {"a.tfrecord": 3000, "b.tfrecord": 1000}, {"a.tfrecord": 3, "b.tfrecord": 2}
+  for name, n in sizes.items():
+    (tmp_path / name).write_bytes(b"x" * n)
+  (tmp_path / "dataset_info.json").write_text(json.dumps({"shards": counts, "num_classes": 10}))
+  config = tiny_config()
+  config.data.train_shards = str(tmp_path)
+  per_clip, source = plan.shard_bytes_per_clip(config)
+  assert per_clip == 4000 / 5 and "2 train shard" in source
+  host = tpu_specs.host_spec(tpu_specs.chip_spec("TPU v4"))
+  i = plan.input_budget(90.0, num_chips=16, pipeline_clips_per_core=30.0, bytes_per_clip=per_clip,
+                        bytes_source=source, host=host)
+  assert i["host_cores_per_chip"] == 3.0 and i["host"]["vcpus_per_chip"] == 60 and i["keeps_up"] is True
+  assert i["storage_bytes_per_second_per_chip"] == 90 * 800 and i["storage_bytes_per_second"] == 16 * 90 * 800
+  slow = plan.input_budget(90.0, num_chips=16, pipeline_clips_per_core=1.0, bytes_per_clip=None, bytes_source="?",
+                           host=host)
+  assert slow["keeps_up"] is False and slow["storage_bytes_per_second_per_chip"] is None
+  text = "\n".join(plan.format_input(slow))
+  assert "DOES NOT keep up" in text and "frames_per_video=32" in text
+  (tmp_path / "dataset_info.json").write_text(json.dumps({"num_classes": 10}))  # No per-shard counts.
+  assert plan.shard_bytes_per_clip(config)[0] is None
+  with pytest.raises(ValueError, match="--pipeline_clips_per_core=0"):
+    plan.make_report(config, topology=TOPOLOGY, pipeline_clips_per_core=0)
 
 
 def test_batch_far_too_large_is_reported_not_raised(tmp_path, capsys):

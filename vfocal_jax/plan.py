@@ -300,6 +300,94 @@ def _zeros(specs: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
   return {k: jax.device_put(np.zeros(s.shape, s.dtype), s.sharding) for k, s in specs.items()}
 
 
+# --- The input side: what it takes to feed the estimated step. -------------------------------
+
+# Bytes read for one training clip when the config names no shards: one whole record (segment sampling
+# parses every stored frame) of a 10-s, 30-fps, 256-px video, as make_shards stores it with every frame
+# (frames_per_video=0) and with --frames_per_video=32 (docs/data.md).
+REFERENCE_RECORD_BYTES = ((0, 7.5e6), (32, 0.8e6))
+
+
+def shard_bytes_per_clip(config: ml_collections.ConfigDict) -> tuple[float | None, str]:
+  """Bytes read per training clip: the train shards' average record (file bytes / records), and where from.
+
+  One training clip reads one whole record. None (with the reason) when the
+  config names no train shards or their record counts are unknown (no
+  ``dataset_info.json``): nothing is read to find out.
+  """
+  data = config.get("data")
+  if data is None or data.get("source", "shards") != "shards" or not data.get("train_shards"):
+    return None, "the config names no train shards (config.data.train_shards)"
+  import tensorflow as tf
+  from vfocal_jax.input_pipeline import sources
+  try:
+    shards = sources.load_shard_set(data.train_shards)
+    if not shards.num_examples:
+      return None, f"no record counts beside {data.train_shards} (no dataset_info.json)"
+    total = sum(tf.io.gfile.stat(f).length for f in shards.files)
+  except (OSError, ValueError, tf.errors.OpError) as e:
+    return None, f"the train shards could not be listed ({tpu_specs.summarize_error(e, 150)})"
+  return total / shards.num_examples, f"average record of the {len(shards.files)} train shard file(s)"
+
+
+def input_budget(clips_per_second_per_chip: float | None, *, num_chips: int, pipeline_clips_per_core: float | None,
+                 bytes_per_clip: float | None, bytes_source: str,
+                 host: tpu_specs.HostSpec | None) -> dict[str, Any]:
+  """The host cores and storage bandwidth per chip that the estimated train step needs (a pure function).
+
+  ``keeps_up``: the cores needed per chip fit in the TPU VM's vCPUs per chip
+  (None when either is unknown). ``reference``: the storage rate for the
+  whole records of ``REFERENCE_RECORD_BYTES``, whatever the config's data.
+  """
+  rate = clips_per_second_per_chip
+  cores = rate / pipeline_clips_per_core if rate and pipeline_clips_per_core else None
+  per_chip = lambda b: None if rate is None or b is None else rate * b
+  out: dict[str, Any] = {
+      "clips_per_second_per_chip": rate,
+      "clips_per_second": None if rate is None else rate * num_chips,
+      "pipeline_clips_per_core": pipeline_clips_per_core,
+      "host_cores_per_chip": cores,
+      "host": None if host is None else {"machine_type": host.machine_type, "vcpus": host.vcpus, "chips": host.chips,
+                                         "vcpus_per_chip": host.vcpus_per_chip, "source": host.source},
+      "keeps_up": None if cores is None or host is None else cores <= host.vcpus_per_chip,
+      "bytes_per_clip": bytes_per_clip, "bytes_per_clip_source": bytes_source,
+      "storage_bytes_per_second_per_chip": per_chip(bytes_per_clip),
+      "storage_bytes_per_second": None if per_chip(bytes_per_clip) is None else per_chip(bytes_per_clip) * num_chips,
+      "reference": [{"frames_per_video": m, "bytes_per_clip": b, "storage_bytes_per_second_per_chip": per_chip(b)}
+                    for m, b in REFERENCE_RECORD_BYTES]}
+  return out
+
+
+def format_input(i: dict[str, Any]) -> list[str]:
+  """The report's lines on the input side."""
+  rate = i["clips_per_second_per_chip"]
+  if rate is None:
+    return ["input: no estimated train step time, so no input budget"]
+  mb = lambda b: f"{b / 1e6:.3g} MB"
+  lines = [f"input: the estimated train step consumes {rate:.1f} clips/s per chip ({i['clips_per_second']:.0f} for "
+           "the slice)"]
+  host = i["host"]
+  vm = ("" if host is None else f"; a {host['machine_type']} TPU VM has {host['vcpus_per_chip']:g} vCPUs per chip "
+        f"({host['vcpus']} for {host['chips']} chips, {host['source']})")
+  if i["host_cores_per_chip"] is None:
+    lines.append("  host cores per chip: unknown (give --pipeline_clips_per_core, the training clips/s per core "
+                 f"measured by benchmarks/bench_input_pipeline.py){vm}")
+  else:
+    verdict = {True: ": keeps up", False: ": DOES NOT keep up", None: ""}[i["keeps_up"]]
+    lines.append(f"  host cores per chip: {i['host_cores_per_chip']:.2g} at {i['pipeline_clips_per_core']:g} clips/s "
+                 f"per core{vm}{verdict}")
+  if i["bytes_per_clip"] is not None:
+    lines.append(f"  storage: {mb(i['bytes_per_clip'])} read per clip ({i['bytes_per_clip_source']}) -> "
+                 f"{mb(i['storage_bytes_per_second_per_chip'])}/s per chip, {mb(i['storage_bytes_per_second'])}/s "
+                 "for the slice")
+  else:
+    refs = ", ".join(f"{mb(r['bytes_per_clip'])} (frames_per_video={r['frames_per_video']}) -> "
+                     f"{mb(r['storage_bytes_per_second_per_chip'])}/s" for r in i["reference"])
+    lines.append(f"  storage: bytes per clip unknown ({i['bytes_per_clip_source']}); per chip, for whole records of "
+                 f"a 10-s 30-fps 256-px video: {refs}")
+  return lines
+
+
 # --- The report. -----------------------------------------------------------------------------
 
 def _local_capacity(devices: list) -> int | None:
@@ -328,6 +416,9 @@ def run(config: ml_collections.ConfigDict, *, topology: str | None = None, json_
     search_batch: also find the largest train batch per chip that fits, as
       configured and with remat / FSDP turned on (many compiles).
     measure: local devices only: also time each compiled step on zeros.
+    pipeline_clips_per_core: the input pipeline's measured training clips/s
+      per host core (``benchmarks/bench_input_pipeline.py``): the report's
+      ``input`` section then gives the host cores per chip needed.
     log: where the printed report goes.
 
   Returns:
@@ -336,7 +427,8 @@ def run(config: ml_collections.ConfigDict, *, topology: str | None = None, json_
     not compile (out of memory, a batch that does not divide) is reported in
     its section (``error``; ``fits`` False for out of memory).
   """
-  report, _ = make_report(config, topology=topology, search_batch=search_batch, measure=measure, log=log)
+  report, _ = make_report(config, topology=topology, search_batch=search_batch, measure=measure,
+                          pipeline_clips_per_core=pipeline_clips_per_core, log=log)
   log(format_report(report))
   if json_path:
     with open(json_path, "w") as f:
@@ -346,8 +438,12 @@ def run(config: ml_collections.ConfigDict, *, topology: str | None = None, json_
 
 
 def make_report(config: ml_collections.ConfigDict, *, topology: str | None = None, search_batch: bool = False,
-                measure: bool = False, log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Any]]:
+                measure: bool = False, pipeline_clips_per_core: float | None = None,
+                log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Any]]:
   """``run`` without printing: the report and the compile attempts (``compile_steps``) it was read from."""
+  if pipeline_clips_per_core is not None and not pipeline_clips_per_core > 0:
+    raise ValueError(f"--pipeline_clips_per_core={pipeline_clips_per_core}: must be > 0 (training clips/s per host "
+                     "core, as benchmarks/bench_input_pipeline.py prints it).")
   local = topology in (None, "", LOCAL)
   if not local and not os.environ.get("JAX_PLATFORMS") and not jax.config.jax_platforms:
     # Host-side work only (shapes, meshes): never claim this machine's own accelerator (a TPU VM in use).
@@ -382,6 +478,10 @@ def make_report(config: ml_collections.ConfigDict, *, topology: str | None = Non
   report["train"] = analyze(steps["train"], clips=b, videos=b, **common)
   report["eval"] = analyze(steps["eval"], clips=int(cfg.eval_batch_size) * views, videos=int(cfg.eval_batch_size),
                            **common)
+  bytes_per_clip, bytes_source = shard_bytes_per_clip(cfg)
+  report["input"] = input_budget(report["train"]["estimated_clips_per_second_per_chip"], num_chips=num_chips,
+                                 pipeline_clips_per_core=pipeline_clips_per_core, bytes_per_clip=bytes_per_clip,
+                                 bytes_source=bytes_source, host=tpu_specs.host_spec(chip))
   unknown = report["unknown"]
   if report["mesh_shape"][1] > 1 and report["config"]["depthwise_impl"] == "xla":
     report["warnings"].append(
@@ -499,6 +599,8 @@ def format_report(r: dict[str, Any]) -> str:
                                                   for e in s["collectives"]))
     elif s["collectives"] is not None:
       lines.append("  collectives: none")
+  if r.get("input") is not None:
+    lines.extend(format_input(r["input"]))
   for v in r.get("search_batch") or []:
     best = "nothing fits" if v["max_batch_per_chip"] is None else f"{v['max_batch_per_chip']:g} clips per chip"
     lines.append(f"largest train batch (remat {v['remat']}, fsdp {v['fsdp']}): {best} "

@@ -55,6 +55,34 @@ def chip_spec(device_kind: str) -> ChipSpec | None:
   return CHIPS.get(device_kind)
 
 
+@dataclasses.dataclass(frozen=True)
+class HostSpec:
+  """The TPU VM that hosts a slice's chips (multi-host slices: several of these)."""
+  machine_type: str         # GKE / Compute Engine machine type of the VM.
+  vcpus: int                # Per VM (vCPUs are hyperthreads).
+  chips: int                # TPU chips per VM.
+  source: str
+
+  @property
+  def vcpus_per_chip(self) -> float:
+    return self.vcpus / self.chips
+
+
+# The 4-chip VM of each generation (the host of every multi-host slice of v4 / v5p / v6e, and of v5e
+# slices from 2x4 on, whose 8-chip VM has the same vCPUs per chip): "VM types" of the system-architecture
+# pages and the machine types of cloud.google.com/kubernetes-engine/docs/concepts/plan-tpus.
+HOSTS: dict[str, HostSpec] = {
+    "v4": HostSpec("ct4p-hightpu-4t", 240, 4, _DOCS + "v4"),
+    "v5e": HostSpec("ct5lp-hightpu-4t", 112, 4, _DOCS + "v5e"),
+    "v5p": HostSpec("ct5p-hightpu-4t", 208, 4, _DOCS + "v5p"),
+    "v6e": HostSpec("ct6e-standard-4t", 180, 4, _DOCS + "v6e"),
+}
+
+
+def host_spec(chip: ChipSpec | None) -> HostSpec | None:
+  return None if chip is None else HOSTS.get(chip.name)
+
+
 def chip_layout(devices: Sequence[Any]) -> tuple[int, int]:
   """``(num_chips, devices_per_chip)``: TPU devices sharing coordinates are cores of one chip."""
   coords = [tuple(getattr(d, "coords", ()) or ()) for d in devices]
@@ -204,16 +232,15 @@ def _top_level(type_str: str) -> list[str]:
   return [p for p in parts if p.strip()]
 
 
-def collectives(hlo_text: str) -> list[dict[str, Any]]:
-  """``[{kind, count, bytes}]`` of the collectives in a compiled module's text, largest first.
+def collective_ops(hlo_text: str) -> list[dict[str, Any]]:
+  """``[{kind, bytes}]``, one per collective op of a compiled module's text, in order.
 
-  ``bytes`` sums each op's result per device (an all-gather's gathered array,
-  an all-reduce's reduced arrays). Async pairs count once (the ``-start``; its
+  ``bytes`` is the op's result per device (an all-gather's gathered array, an
+  all-reduce's reduced arrays). Async pairs count once (the ``-start``; its
   result tuple holds the operands too, so only its second half is counted for
-  gathers and permutes). Counts are static: an op inside a loop (e.g. gradient
-  accumulation) runs once per iteration.
+  gathers and permutes).
   """
-  found: dict[str, list[int]] = {}
+  ops = []
   for line in hlo_text.splitlines():
     m = _INSTR.match(line)
     if not m or m.group("suffix") in ("-done", "-update"):
@@ -222,9 +249,21 @@ def collectives(hlo_text: str) -> list[dict[str, Any]]:
     if m.group("suffix") == "-start" and kind != "all-reduce":
       parts = [p for p in _top_level(type_str) if _array_bytes(p) and not re.fullmatch(r"\s*[su]32\[\].*", p)]
       type_str = ",".join(parts[len(parts) // 2:]) if len(parts) >= 2 else type_str
-    entry = found.setdefault(kind, [0, 0])
+    ops.append({"kind": kind, "bytes": _array_bytes(type_str)})
+  return ops
+
+
+def collectives(hlo_text: str) -> list[dict[str, Any]]:
+  """``[{kind, count, bytes}]``: ``collective_ops`` summed by kind, largest first.
+
+  Counts are static: an op inside a loop (e.g. gradient accumulation) runs
+  once per iteration.
+  """
+  found: dict[str, list[int]] = {}
+  for op in collective_ops(hlo_text):
+    entry = found.setdefault(op["kind"], [0, 0])
     entry[0] += 1
-    entry[1] += _array_bytes(type_str)
+    entry[1] += op["bytes"]
   return sorted(({"kind": k, "count": c, "bytes": b} for k, (c, b) in found.items()), key=lambda e: -e["bytes"])
 
 

@@ -29,7 +29,7 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 from flax import traverse_util
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vfocal_jax import artifacts, checkpoints, evaluate, finetune, loop_actions, mixup, model_card, optim, paths, pixels
 from vfocal_jax import sharding, train_config
@@ -132,7 +132,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: opt
       x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
       x = jnp.moveaxis(x, 1, 0)
       if batch_spec is not None:
-        x = jax.lax.with_sharding_constraint(x, P(None, *batch_spec, *([None] * (x.ndim - 1 - len(batch_spec)))))
+        spec = P(None, *batch_spec, *([None] * (x.ndim - 1 - len(batch_spec))))
+        x = jax.lax.with_sharding_constraint(x, spec if mesh is None else NamedSharding(mesh, spec))
       return x
 
     def body(carry, xs):
