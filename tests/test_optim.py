@@ -1,4 +1,4 @@
-"""LR schedule against timm's formula (float64) and the optimizer against torch.optim.SGD."""
+"""LR schedule against timm's formula (float64) and the optimizers against torch.optim.SGD and torch.optim.AdamW."""
 import math
 
 import jax
@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import torch
 
 from vfocal_jax import optim
 
@@ -47,7 +48,6 @@ def test_schedule_matches_official_formula():
 
 
 def test_sgd_matches_torch():
-  torch = pytest.importorskip("torch")
   rng = np.random.default_rng(0)
   w0 = rng.normal(size=(5, 3)).astype(np.float32)
   b0 = rng.normal(size=(3,)).astype(np.float32)
@@ -75,6 +75,42 @@ def test_sgd_matches_torch():
       opt.step()
     np.testing.assert_allclose(np.asarray(params["dense"]["kernel"]), tw.detach().numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(params["dense"]["bias"]), tb.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("quirk,eps", [(False, 1e-8), (True, 0.5)])
+def test_adamw_matches_torch(quirk, eps):
+  """Clipped AdamW with weight decay on the kernel only (or on nothing: the quirk), as torch.optim.AdamW with
+  Swin's two parameter groups. Every gradient element is at least 0.1 in size: with eps 1e-8 a near-zero one
+  would take a step of lr * g / (|g| + eps) that float32 noise decides. eps 0.5 is as large as the gradients'
+  scale, so where eps enters (outside the square root, after the bias correction) shows."""
+  rng = np.random.default_rng(1)
+  far_from_zero = lambda shape: (rng.choice([-1, 1], size=shape) * rng.uniform(0.1, 3, size=shape)).astype(np.float32)
+  w0, b0 = rng.normal(size=(5, 3)).astype(np.float32), rng.normal(size=(3,)).astype(np.float32)
+  grads = [(far_from_zero((5, 3)), far_from_zero((3,))) for _ in range(4)]
+  lrs = [0.3, 0.2, 0.1, 0.05]
+
+  cfg = _config(optimizer="adamw", weight_decay=0.05, weight_decay_quirk=quirk, adam_b1=0.8, adam_b2=0.99,
+                adam_eps=eps)
+  tx = optim.create_optimizer(cfg, lambda step: jnp.asarray(lrs)[step])
+  params = {"dense": {"kernel": jnp.asarray(w0), "bias": jnp.asarray(b0)}}
+  state = tx.init(params)
+  for g, gb in grads:
+    upd, state = tx.update({"dense": {"kernel": jnp.asarray(g), "bias": jnp.asarray(gb)}}, state, params)
+    params = jax.tree.map(lambda p, u: p + u, params, upd)
+
+  tw, tb = torch.tensor(w0, requires_grad=True), torch.tensor(b0, requires_grad=True)
+  groups = [{"params": [tw], "weight_decay": 0.0 if quirk else 0.05}, {"params": [tb], "weight_decay": 0.0}]
+  opt = torch.optim.AdamW(groups, lr=lrs[0], betas=(0.8, 0.99), eps=eps)
+  norms = []
+  for i, (g, gb) in enumerate(grads):
+    for grp in opt.param_groups:
+      grp["lr"] = lrs[i]
+    tw.grad, tb.grad = torch.tensor(g), torch.tensor(gb)
+    norms.append(float(torch.nn.utils.clip_grad_norm_([tw, tb], 5.0)))
+    opt.step()
+  assert min(norms) > 5.0  # Every step clipped: the clip's scale reaches Adam only through eps and the moments.
+  np.testing.assert_allclose(np.asarray(params["dense"]["kernel"]), tw.detach().numpy(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(params["dense"]["bias"]), tb.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_weight_decay_mask():

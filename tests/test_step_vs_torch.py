@@ -43,12 +43,11 @@ def _lr(config):
 
 
 def _model_input(batch):
-  """``[r, g, b, 1, mean luma] @ pixel_affine`` per clip, float64, as (B, T, C, H, W)."""
+  """``[r, g, b, 1, mean luma] @ pixel_affine`` per clip (computed in float64), as (B, T, C, H, W) float32."""
   x = batch["video"].astype(np.float64)
   a = batch["pixel_affine"].astype(np.float64)
-  luma = (x @ REC601).reshape(len(x), -1).mean(1)
-  y = np.einsum("bthwc,bcd->bthwd", x, a[:, :3]) + a[:, None, None, None, 3] + luma[:, None, None, None, None] * \
-      a[:, None, None, None, 4]
+  luma = (x @ REC601).reshape(len(x), -1).mean(1)[:, None, None, None, None]
+  y = np.einsum("bthwc,bcd->bthwd", x, a[:, :3]) + a[:, None, None, None, 3] + luma * a[:, None, None, None, 4]
   return torch.from_numpy(y.astype(np.float32)).permute(0, 1, 4, 2, 3)
 
 
