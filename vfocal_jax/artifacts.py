@@ -29,7 +29,8 @@ __all__ = ["Loaded", "ParamsMismatchError", "model_kwargs", "build_model", "arti
            "check_params", "init_params"]
 
 # Model fields that say how a run computes (the config's to choose), not what the model is.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "depthwise_impl", "drop_rate", "drop_path_rate", "dense_init")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "depthwise_impl", "temporal_layout", "drop_rate", "drop_path_rate",
+                  "dense_init")
 
 
 class ParamsMismatchError(ValueError):

@@ -166,6 +166,53 @@ class DepthwiseConv(nn.Module):
     return depthwise_conv(x.astype(self.dtype), kernel, resolve_depthwise_impl(self.impl))
 
 
+TEMPORAL_LAYOUTS = ("auto", "regroup", "frames")
+
+
+def resolve_temporal_layout(layout: str, *, platform: str | None = None) -> str:
+  """'auto' -> where the temporal branch's tokens live on ``platform`` (JAX's default backend if None).
+
+  'regroup' (the released code's) moves tokens to `(B*H*W, T, C)` and back around the
+  temporal branch; 'frames' keeps them `(B, T, H, W, C)` and convolves along T in place.
+  The result is the same. XLA:CPU runs the regrouped 1-D conv 2-4x faster than the
+  in-place one, transposes included, so 'auto' is 'regroup' on CPU; elsewhere it is
+  'regroup' too until the compiled programs' traffic says otherwise (docs/plan.md).
+  """
+  if layout == "auto":
+    return "regroup"
+  if layout not in TEMPORAL_LAYOUTS:
+    raise ValueError(f"temporal_layout={layout!r}: expected one of {TEMPORAL_LAYOUTS}.")
+  return layout
+
+
+class TemporalConv(nn.Module):
+  """Same-padded conv over axis 1 (time) of `(N, T, C)` or `(N, T, H, W, C)` tokens.
+
+  The kernel is `nn.Conv`'s 1-D layout, `(k, C, features)` (dense, as released) or
+  `(k, 1, C)` (depthwise), with the same names and init, whatever the layout: on
+  `(N, T, H, W, C)` it runs as a `(k, 1, 1)` convolution over `(T, H, W)`.
+  """
+  features: int
+  kernel_size: int
+  depthwise: bool = False
+  impl: str = "auto"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, c, extra = self.kernel_size, x.shape[-1], (1,) * (x.ndim - 3)
+    x = x.astype(self.dtype)
+    if self.depthwise:
+      kernel = self.param("kernel", conv_kernel_init, (k, 1, c), self.param_dtype)
+      return depthwise_conv(x, kernel.reshape((k,) + extra + (1, c)), resolve_depthwise_impl(self.impl))
+    kernel = self.param("kernel", conv_kernel_init, (k, c, self.features), self.param_dtype)
+    dims = "DHW"[:x.ndim - 2]
+    return lax.conv_general_dilated(
+        x, kernel.reshape((k,) + extra + (c, self.features)).astype(self.dtype), (1,) * (x.ndim - 2),
+        [(k // 2, k // 2)] + [(0, 0)] * len(extra), dimension_numbers=(f"N{dims}C", f"{dims}IO", f"N{dims}C"))
+
+
 def dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype, use_bias: bool = True,
           init: str = "official") -> nn.Dense:
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,

@@ -48,6 +48,7 @@ class FocalModulation(nn.Module):
   design: str = "parallel"
   temporal_conv: str = "dense"
   depthwise_impl: str = "auto"
+  temporal_layout: str = "auto"
   dense_init: str = "official"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -71,27 +72,32 @@ class FocalModulation(nn.Module):
     return q, layers.PointwiseConv(c, 2, self.dtype, self.param_dtype, name="h")(ctx_all)
 
   def _temporal(self, x: jax.Array, c: int) -> jax.Array:
-    """Temporal modulator of tokens `(B*T, H, W, C)`, returned in the same layout."""
+    """Temporal modulator of tokens `(B*T, H, W, C)`, returned in the same layout.
+
+    Every op of the branch is per token or along T, so where the tokens live while
+    it runs (`temporal_layout`) changes the memory traffic, not the result.
+    """
     bt, h, w, _ = x.shape
     t = self.num_frames
-    xt = x.reshape(bt // t, t, h, w, c).transpose(0, 2, 3, 1, 4).reshape(-1, t, c)
-    xt = self._dense(c + self.focal_level + 1, "f_temporal")(xt)
+    if self.temporal_conv not in ("dense", "depthwise"):
+      raise ValueError(f"temporal_conv={self.temporal_conv!r}: expected 'dense' or 'depthwise'.")
+    regroup = layers.resolve_temporal_layout(self.temporal_layout) == "regroup"
+    if regroup:  # (B*H*W, T, C), as released.
+      x = x.reshape(bt // t, t, h, w, c).transpose(0, 2, 3, 1, 4).reshape(-1, t, c)
+    xt = self._dense(c + self.focal_level + 1, "f_temporal")(x)
+    if not regroup:
+      xt = xt.reshape(bt // t, t, h, w, -1)
     ctx, gates = xt[..., :c], xt[..., c:]
-    convs = []
-    for l in range(self.focal_level):
-      k = self._kernel(l)
-      name = f"focal_layers_temporal_{l}"
-      if self.temporal_conv == "dense":
-        convs.append(conv(c, (k,), name, self.dtype, self.param_dtype, padding=[(k // 2, k // 2)], use_bias=False))
-      elif self.temporal_conv == "depthwise":
-        convs.append(layers.DepthwiseConv((k,), self.depthwise_impl, self.dtype, self.param_dtype, name=name))
-      else:
-        raise ValueError(f"temporal_conv={self.temporal_conv!r}: expected 'dense' or 'depthwise'.")
+    convs = [layers.TemporalConv(c, self._kernel(l), self.temporal_conv == "depthwise", self.depthwise_impl,
+                                 self.dtype, self.param_dtype, name=f"focal_layers_temporal_{l}")
+             for l in range(self.focal_level)]
     ctx_all = _focal_context(ctx, gates, convs, (1,))
     if self.normalize_modulator:
       ctx_all = ctx_all / (self.focal_level + 1)
     mod = layers.PointwiseConv(c, 1, self.dtype, self.param_dtype, name="h_temporal")(ctx_all)
-    return mod.reshape(bt // t, h, w, t, c).transpose(0, 3, 1, 2, 4).reshape(bt, h, w, c)
+    if regroup:
+      return mod.reshape(bt // t, h, w, t, c).transpose(0, 3, 1, 2, 4).reshape(bt, h, w, c)
+    return mod.reshape(bt, h, w, c)
 
   def _joint3d(self, x: jax.Array, c: int) -> tuple[jax.Array, jax.Array]:
     """One focal hierarchy of depthwise 3-D convs over (T, H, W)."""
@@ -243,7 +249,8 @@ class VideoFocalNet(nn.Module):
   """Video-FocalNet classifier: `(B, T, H, W, 3)` normalised clips -> `(B, num_classes)` float32 logits.
 
   Fields carry the official constructor's names; `design`, `temporal_conv`,
-  `depthwise_impl`, `dense_init`, `dtype`, `param_dtype` and `remat` are ours.
+  `depthwise_impl`, `temporal_layout`, `dense_init`, `dtype`, `param_dtype` and `remat` are ours
+  (implementation choices that leave the parameters and the result unchanged, but for `dense_init`).
   `dense_init='fan_in'` is for training from scratch (see
   `layers.dense_initializer`); it changes only the initial values.
   """
@@ -267,6 +274,7 @@ class VideoFocalNet(nn.Module):
   design: str = "parallel"
   temporal_conv: str = "dense"
   depthwise_impl: str = "auto"
+  temporal_layout: str = "auto"
   dense_init: str = "official"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -300,7 +308,7 @@ class VideoFocalNet(nn.Module):
           focal_window=self.focal_windows[i], focal_level=self.focal_levels[i], num_frames=frames,
           use_postln_in_modulation=self.use_postln_in_modulation, normalize_modulator=self.normalize_modulator,
           design=self.design, temporal_conv=self.temporal_conv, depthwise_impl=self.depthwise_impl,
-          dense_init=self.dense_init)
+          temporal_layout=self.temporal_layout, dense_init=self.dense_init)
       x = BasicLayer(
           drop_paths=tuple(rates[sum(self.depths[:i]):sum(self.depths[:i + 1])]),
           downsample=i < len(self.depths) - 1,
