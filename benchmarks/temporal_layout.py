@@ -10,6 +10,8 @@ two are timed in alternation (median of --rounds) and printed as a ratio to 'reg
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import jax
@@ -17,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from vfocal_jax.models.layers import gelu
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from vfocal_jax.models.layers import gelu  # noqa: E402
 
 
 def _regroup(x, w, shape):
@@ -65,7 +68,7 @@ def main() -> None:
         jax.block_until_ready(f(x, w))
         times.setdefault((kind, name), []).append(time.perf_counter() - t0)
   print(f"backend {jax.default_backend()}, tokens {shape}, float32, median of {args.rounds}")
-  print(f"| pass | regroup (ms) | frames (ms) | frames / regroup |\n|---|---|---|---|")
+  print("| pass | regroup (ms) | frames (ms) | frames / regroup |\n|---|---|---|---|")
   for kind in ("forward", "forward+backward"):
     r, f = np.median(times[(kind, "regroup")]), np.median(times[(kind, "frames")])
     print(f"| {kind} | {r * 1e3:.1f} | {f * 1e3:.1f} | {f / r:.2f} |")
