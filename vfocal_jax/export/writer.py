@@ -17,11 +17,14 @@ docs/serving.md).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import io
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +46,7 @@ GOLDEN_SEED = 0
 # the default matmul precision is lower (TF32 on recent GPUs, one bfloat16 pass on TPU): a loose bound
 # relative to the logits' scale, not measured on those platforms.
 CPU_ATOL = 1e-4
+SAVED_MODEL_STABLEHLO = "WEEK_12"  # What TensorFlow 2.21 reads (see `tensorflow_lowering`).
 OTHER_RTOL = 5e-2
 
 
@@ -93,6 +97,49 @@ def export_exported(clip_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
   return jax_export.export(jax.jit(lambda video: clip_fn(params, video)), platforms=tuple(platforms))(spec)
 
 
+# XLA's float32 erf (and Eigen's): x clamped to +-c, c = erfinv(1 - 2^-23), then x * P(x^2) / Q(x^2).
+_ERF_CLAMP = 3.7439211627767994
+_ERF_ALPHA = (0.00022905065861350646, 0.0034082910107109506, 0.050955695062380861, 0.18520832239976145,
+              1.128379143519084)
+_ERF_BETA = (-1.1791602954361697e-7, 0.000023547966471313185, 0.0010179625278914885, 0.014070470171167667,
+             0.11098505178285362, 0.49746925110067538, 1.0)
+
+
+def erf_rational(x: jax.Array) -> jax.Array:
+  """erf as XLA expands it for float32 (other float dtypes go through float32), in plain StableHLO ops."""
+  x32 = jnp.clip(x.astype(jnp.float32), -_ERF_CLAMP, _ERF_CLAMP)
+  x2 = x32 * x32
+  alpha, beta = jnp.float32(_ERF_ALPHA[0]), jnp.float32(_ERF_BETA[0])
+  for a in _ERF_ALPHA[1:]:
+    alpha = alpha * x2 + jnp.float32(a)
+  for b in _ERF_BETA[1:]:
+    beta = beta * x2 + jnp.float32(b)
+  return (x32 * alpha / beta).astype(x.dtype)
+
+
+@contextlib.contextmanager
+def tensorflow_lowering():
+  """Inside this block, ``jax.export`` (and so ``jax2tf``) writes modules TensorFlow 2.21 can run.
+
+  Two differences between jax 0.10.2 and TensorFlow 2.21's ``XlaCallModule``:
+  - jax writes StableHLO 1.15.0 (``WEEK_4``: for consumers at most a month old); TensorFlow reads at
+    most 1.13.7, which ``WEEK_12`` gives with this jaxlib (it cannot read ``vhlo.composite_v2``);
+  - jax's ``erf`` is a ``chlo.erf``, serialized as a composite whose body TensorFlow's shape refinement
+    leaves dynamic ("Module has dynamic shapes"): here it lowers to ``erf_rational`` instead.
+  jax has no public setting for either: this patches the StableHLO version lookup of
+  ``jax._src.export._export`` and the erf lowering rule while the block runs. Yields the version.
+  """
+  from jax._src.export import _export  # pylint: disable=import-outside-toplevel
+  from jax._src.interpreters import mlir  # pylint: disable=import-outside-toplevel
+  lookup = _export.hlo.get_version_from_compatibility_requirement
+  version = lookup(getattr(_export.hlo.StablehloCompatibilityRequirement, SAVED_MODEL_STABLEHLO))
+  erf_entry = dataclasses.replace(mlir._lowerings[lax.erf_p],  # pylint: disable=protected-access
+                                  rule=mlir.lower_fun(erf_rational, multiple_results=False))
+  with mock.patch.object(_export.hlo, "get_version_from_compatibility_requirement", lambda _: version), \
+      mock.patch.dict(mlir._lowerings, {lax.erf_p: erf_entry}):  # pylint: disable=protected-access
+    yield version
+
+
 def save_saved_model(directory: Any, clip_fn, params: Any, clip_shape: Sequence[int],
                      platforms: Sequence[str]) -> None:
   """A TF SavedModel (jax2tf, XlaCallModule ops) with the weights as variables and two signatures."""
@@ -123,7 +170,9 @@ def save_saved_model(directory: Any, clip_fn, params: Any, clip_shape: Sequence[
   module = tf.Module()
   module._variables = tf.nest.flatten(params_vars)  # pylint: disable=protected-access
   module.serving_default, module.views = serving_default, views
-  tf.saved_model.save(module, os.fspath(directory), signatures={"serving_default": serving_default, "views": views})
+  with tensorflow_lowering():  # Traced, lowered and serialized on saving.
+    tf.saved_model.save(module, os.fspath(directory), signatures={"serving_default": serving_default,
+                                                                  "views": views})
 
 
 def golden_clips(model: Any, params: Any, config: Any, clip_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -197,6 +246,8 @@ def run(config: Any = None, *, checkpoint: str | None = None, workdir: str | Non
   np.savez(buffer, video=video, logits=logits)
   (out / runtime.GOLDEN_FILE).write_bytes(buffer.getvalue())
   if saved_model:
+    with tensorflow_lowering() as saved_model_stablehlo:
+      pass
     save_saved_model(out / runtime.SAVED_MODEL_DIR, clip_fn, loaded.params, clip_shape, platforms)
   import jaxlib  # pylint: disable=import-outside-toplevel
   t, h, w, c = clip_shape
@@ -212,8 +263,8 @@ def run(config: Any = None, *, checkpoint: str | None = None, workdir: str | Non
                 "layout": "RGB, 0-255; normalised inside with data.mean / data.std"},
       "output": {"name": "logits", "dtype": "float32", "shape": [None, loaded.card.num_classes]},
       "saved_model": ({"signatures": {"serving_default": "video -> logits, probabilities",
-                                      "views": "video (B, V, T, H, W, 3) -> probabilities"}}
-                      if saved_model else None),
+                                      "views": "video (B, V, T, H, W, 3) -> probabilities"},
+                       "stablehlo_version": saved_model_stablehlo} if saved_model else None),
       "golden": {"file": runtime.GOLDEN_FILE, "clips": NUM_GOLDEN,
                  "atol": {"cpu": CPU_ATOL, "default": OTHER_RTOL * scale}},
       "source": loaded.source,
