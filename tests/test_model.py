@@ -1,11 +1,14 @@
 """Flax VideoFocalNet vs an independent PyTorch forward (benchmarks/torch_video_focalnet.py), every parameter random."""
+import itertools
 import pathlib
+import re
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 from flax import traverse_util
 
 import torch
@@ -149,6 +152,95 @@ def test_design_space_structure_and_temporal_sensitivity():
   assert kernel.shape == (5, 1, 8)
 
 
+# --- The focal modulation of each design, against NumPy float64 written from docs/design_space.md. ---------
+
+def _np_gelu(x):
+  return 0.5 * x * (1.0 + scipy.special.erf(x / np.sqrt(2.0)))
+
+
+def _np_same_conv(x, kernel, axes):
+  """Zero-padded, stride-1 cross-correlation over ``axes`` of x (..., C_in); ``kernel`` (*K, C) per channel
+  (depthwise) or (*K, C_in, C_out) (dense)."""
+  ks = kernel.shape[:len(axes)]
+  pads = [(0, 0)] * x.ndim
+  for axis, k in zip(axes, ks):
+    pads[axis] = (k // 2, k // 2)
+  xp = np.pad(x, pads)
+  out = 0.0
+  for taps in itertools.product(*map(range, ks)):
+    window = [slice(None)] * x.ndim
+    for axis, tap, n in zip(axes, taps, (x.shape[a] for a in axes)):
+      window[axis] = slice(tap, tap + n)
+    w = kernel[taps]
+    out = out + (xp[tuple(window)] * w if w.ndim == 1 else xp[tuple(window)] @ w)
+  return out
+
+
+def _np_focal_context(ctx, gates, convs, axes):
+  """Levels l: ctx <- GELU(conv_l(ctx)), gated by gate l; then GELU(mean of the last level), by the last gate."""
+  total = 0.0
+  for level, conv in enumerate(convs):
+    ctx = _np_gelu(conv(ctx))
+    total = total + ctx * gates[..., level:level + 1]
+  return total + _np_gelu(ctx.mean(axes, keepdims=True)) * gates[..., len(convs):]
+
+
+def _np_modulation(p, x, design, frames):
+  """One focal modulation of tokens x (B*T, H, W, C), float64."""
+  c = x.shape[-1]
+  dense = lambda v, name: v @ p[name]["kernel"].reshape(-1, p[name]["bias"].size) + p[name]["bias"]
+  levels = len([k for k in p if k.startswith("focal_layers_") and "temporal" not in k])
+
+  def spatial(v):   # per frame: depthwise k x k levels over (H, W)
+    q, ctx, gates = np.split(dense(v, "f"), [c, 2 * c], axis=-1)
+    convs = [lambda u, l=l: _np_same_conv(u, p[f"focal_layers_{l}"]["kernel"][..., 0, :], (1, 2))
+             for l in range(levels)]
+    return q, dense(_np_focal_context(ctx, gates, convs, (1, 2)), "h")
+
+  def temporal(v):  # per position: dense C -> C convs of size k over time
+    v = v.reshape(-1, frames, *v.shape[1:])
+    ctx, gates = np.split(dense(v, "f_temporal"), [c], axis=-1)
+    convs = [lambda u, l=l: _np_same_conv(u, p[f"focal_layers_temporal_{l}"]["kernel"], (1,)) for l in range(levels)]
+    return dense(_np_focal_context(ctx, gates, convs, (1,)), "h_temporal").reshape(x.shape)
+
+  if design == "parallel":
+    q, m = spatial(x)
+    out = q * m * temporal(x)
+  elif design == "spatial_only":
+    q, m = spatial(x)
+    out = q * m
+  elif design == "sequential":   # s = q * m_spatial(x), then s * m_temporal(s)
+    q, m = spatial(x)
+    out = q * m * temporal(q * m)
+  else:                          # joint3d: depthwise k x k x k levels over (T, H, W), pooled over all three
+    xs = dense(x, "f").reshape(-1, frames, *x.shape[1:3], 2 * c + levels + 1)
+    q, ctx, gates = np.split(xs, [c, 2 * c], axis=-1)
+    convs = [lambda u, l=l: _np_same_conv(u, p[f"focal_layers_{l}"]["kernel"][..., 0, :], (1, 2, 3))
+             for l in range(levels)]
+    out = (q * dense(_np_focal_context(ctx, gates, convs, (1, 2, 3)), "h")).reshape(x.shape)
+  return dense(out, "proj")
+
+
+def test_each_design_matches_its_numpy_definition():
+  """parallel (released; the full model matches PyTorch above) also checks the reference itself."""
+  from vfocal_jax.models.video_focalnet import FocalModulation  # noqa: PLC0415
+  frames, rng = 4, np.random.default_rng(5)
+  x = rng.normal(size=(2 * frames, 6, 6, 4))
+  outs, drawn = {}, {}
+  with jax.enable_x64(True):
+    for design in DESIGNS:
+      module = FocalModulation(dim=4, focal_window=3, focal_level=2, num_frames=frames, design=design,
+                               dtype=jnp.float64, param_dtype=jnp.float64)
+      shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.asarray(x))["params"]
+      key = str(jax.tree.map(jnp.shape, shapes))   # sequential has parallel's parameters: the same values
+      params = drawn.setdefault(key, jax.tree.map(lambda s: 0.5 * rng.normal(size=s.shape), shapes))
+      outs[design] = np.asarray(jax.jit(module.apply)({"params": params}, jnp.asarray(x)))
+      want = _np_modulation(params, x, design, frames)
+      assert np.abs(want).max() > 0.5, design
+      np.testing.assert_allclose(outs[design], want, rtol=0, atol=1e-10, err_msg=design)
+  assert np.abs(outs["sequential"] - outs["parallel"]).max() > 0.1
+
+
 def test_train_mode_remat_and_sown_modulators():
   # XLA depthwise convs here: this test is about train mode and remat, and they compile fast.
   model = create_model("custom", num_frames=FRAMES, drop_path_rate=0.5, drop_rate=0.1, depthwise_impl="xla",
@@ -176,10 +268,24 @@ def test_bfloat16_compute_keeps_float32_params():
   video = jnp.asarray(_video(4), jnp.float32)
   variables = jax.jit(model.init)(jax.random.key(0), video)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
-  out = jax.jit(model.apply)(variables, video)
-  ref = jax.jit(model.clone(dtype=jnp.float32).apply)(variables, video)
-  assert out.dtype == jnp.float32
-  np.testing.assert_allclose(out, ref, atol=0.1 * float(np.abs(ref).max()) + 1e-2)
+  # The program computes in bf16: every matmul and convolution takes and gives bf16 tensors.
+  program = jax.jit(model.apply).lower(variables, video).as_text()
+  products = re.findall(r"stablehlo\.(?:dot_general|convolution)\b.*: \((.*)\) -> (.*)$", program, re.MULTILINE)
+  assert len(products) > 20
+  for operands, result in products:
+    assert [t.endswith("bf16>") for t in operands.split(", ")] == [True, True] and result.endswith("bf16>"), \
+        (operands, result)
+  out = np.asarray(jax.jit(model.apply)(variables, video), np.float64)
+  assert out.dtype == np.float64 and jax.eval_shape(model.apply, variables, video).dtype == jnp.float32
+  with jax.enable_x64(True):
+    model64 = model.clone(dtype=jnp.float64, param_dtype=jnp.float64)
+    ref = np.asarray(jax.jit(model64.apply)(jax.tree.map(lambda x: np.asarray(x, np.float64), variables),
+                                            jnp.asarray(np.asarray(video, np.float64))))
+  # bf16 keeps 8 significant bits: one rounding moves a value by up to 2**-8 of it. The logits carry a few
+  # roundings of their own size (the head's output, its inputs, the pooled features): allowed 4 of them.
+  scale = float(np.abs(ref).max())
+  assert scale > 0.05
+  np.testing.assert_allclose(out, ref, rtol=0, atol=4 * 2.0**-8 * scale)
 
 
 def test_bad_inputs_name_the_problem():
