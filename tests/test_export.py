@@ -27,18 +27,21 @@ FRAMES, SIZE, NUM_CLASSES = 4, 32, 5
 
 JAX_CHILD = """
 import json, sys
+for name in ("flax", "tensorflow", "vfocal_jax.models", "vfocal_jax.artifacts"):
+  sys.modules[name] = None  # Importing any of them now fails.
 import numpy as np
 from vfocal_jax import export
 model = export.load(sys.argv[1])
 clips = np.load(sys.argv[2])
 np.savez(sys.argv[3], batch1=np.asarray(model(clips[:1])), batch3=np.asarray(model(clips)),
          views=np.asarray(model.views(clips[None])), golden_diff=model.check_golden())
-print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("flax", "tensorflow")
-                        or m.startswith(("vfocal_jax.models", "vfocal_jax.artifacts")))))
+print(json.dumps(sorted(m for m, v in sys.modules.items() if v is not None and (
+    m.split(".")[0] in ("flax", "tensorflow") or m.startswith(("vfocal_jax.models", "vfocal_jax.artifacts"))))))
 """
 
 TF_CHILD = """
 import json, sys
+sys.modules["jax"] = sys.modules["flax"] = None  # TensorFlow imports jax when it can (tf.lite): not here.
 import numpy as np
 import tensorflow as tf
 served = tf.saved_model.load(sys.argv[1] + "/saved_model")
@@ -48,7 +51,7 @@ three = served.signatures["serving_default"](video=clips)
 views = served.signatures["views"](video=clips[None])
 np.savez(sys.argv[3], logits1=one["logits"].numpy(), logits3=three["logits"].numpy(),
          probabilities3=three["probabilities"].numpy(), views=views["probabilities"].numpy())
-print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "flax"))))
+print(json.dumps(sorted(m for m, v in sys.modules.items() if v is not None and m.split(".")[0] in ("jax", "flax"))))
 """
 
 
