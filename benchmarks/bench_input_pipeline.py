@@ -1,6 +1,7 @@
 r"""Input-pipeline throughput (a benchmark, not a test).
 
     python benchmarks/bench_input_pipeline.py [--threads 1] [--seconds 10]
+    python benchmarks/bench_input_pipeline.py --mode frames_per_video [--threads 1] [--seconds 8]
 
 Writes synthetic shards with 256 x 340 px JPEG frames (the K400 layout after
 `make_shards --short_side 256`), then measures, with `--threads` tf.data
@@ -19,10 +20,21 @@ threads:
     frames of a video), reading + parsing them, and decoding the 8 sampled
     frames inside random-resized-crop windows with and without the resize
     to 224 x 224.
+
+`--mode frames_per_video` compares shards that keep every frame with shards
+written with `make_shards --frames_per_video=M` (M = 32 and 64 by default):
+it films `--num_videos` 10-s, 30-fps videos at 256 x 340 (the demo's motion,
+`oversample=30`, textured and noisy: realistic JPEG sizes), writes them with
+the real writer (`make_shards.write_shard`) once per M, and prints, side by
+side, the bytes of a record (read whole for each training clip) and the
+training pipeline's clips/s (8 x 224 x 224), with their ratios to M = 0.
+Rates are measured in alternating rounds and the best round is kept (the
+machine may be shared).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -62,6 +74,60 @@ def write_shards(directory: str, num_videos: int, num_frames: int, height: int, 
   with open(os.path.join(directory, shard_format.INFO_FILENAME), "w") as f:
     json.dump({"num_examples": num_videos, "num_classes": 8, "shards": per_shard}, f)
   return all_jpegs
+
+
+def write_kept_frame_shards(directory: str, videos: list[np.ndarray], frames_per_video: int) -> dict:
+  """`videos` through the real shard writer into one shard (+ dataset_info.json); returns its stats."""
+  from vfocal_jax.data import make_shards  # noqa: PLC0415
+  os.makedirs(directory, exist_ok=True)
+  entries = [make_shards.VideoEntry(f"v{i}", f"v{i}", i % 8, None) for i in range(len(videos))]
+  name = make_shards.shard_name(0, 1)
+  stats = make_shards.write_shard(os.path.join(directory, name), entries, short_side=None, max_fps=None,
+                                  jpeg_quality=90, frames_per_video=frames_per_video,
+                                  decode_fn=lambda path, **_: videos[int(path[1:])])
+  with open(os.path.join(directory, shard_format.INFO_FILENAME), "w") as f:
+    json.dump({"num_examples": len(videos), "num_classes": 8, "shards": {name: len(videos)},
+               "frames_per_video": frames_per_video}, f)
+  return stats
+
+
+def frames_per_video_table(args) -> None:
+  """Bytes per training clip and clips/s per core with M = 0 and each `--kept_frames` (module docstring)."""
+  rng = np.random.default_rng(0)
+  t0 = time.perf_counter()
+  videos = [demo_dataset.render_video(v % 8, rng, num_frames=10, height=256, width=340, noise=8.0,
+                                      oversample=30) for v in range(args.num_videos)]
+  print(f"filmed {len(videos)} videos of {videos[0].shape[0]} frames (10 s at 30 fps) at 256x340 "
+        f"in {time.perf_counter() - t0:.1f}s")
+  ms = [0] + [int(m) for m in args.kept_frames.split(",")]
+  with tempfile.TemporaryDirectory() as tmp:
+    iterators, sizes, frames = {}, {}, {}
+    for m in ms:
+      directory = os.path.join(tmp, f"m{m}")
+      stats = write_kept_frame_shards(directory, videos, m)
+      files = tf.io.gfile.glob(os.path.join(directory, "*.tfrecord"))
+      sizes[m] = np.mean([len(r) for r in tf.data.TFRecordDataset(files).as_numpy_iterator()])
+      frames[m] = stats["num_frames"] / len(videos)
+      cfg = data_config.get_config()
+      cfg.train_shards = directory
+      cfg.num_threads = args.threads
+      cfg.shuffle_buffer_size = len(videos)
+      iterators[m] = ip.create_train_iterator(cfg, batch_size=args.batch_size, seed=0, num_frames=8,
+                                              image_size=224)
+      next(iterators[m])
+    rates = {m: 0.0 for m in ms}
+    for _ in range(args.rounds):
+      for m in ms:
+        rates[m] = max(rates[m], rate(iterators[m], lambda b: b["video"].shape[0], args.seconds, warmup=1))
+  per = "per core" if args.threads == 1 else f"with {args.threads} threads"
+  print(f"\ntraining clips 8x224x224, {per}, best of {args.rounds} rounds of {args.seconds:g}s; "
+        f"a record is read whole for each clip")
+  print("| frames_per_video | frames kept | bytes read per clip | vs M=0 | clips/s | vs M=0 |")
+  print("|---|---|---|---|---|---|")
+  for m in ms:
+    print(f"| {m or '0 (every frame)'} | {frames[m]:.0f} | {sizes[m] / 1e6:.2f} MB "
+          f"({sizes[m] / frames[m] / 1024:.1f} KiB a frame) | {sizes[m] / sizes[0]:.3f} | "
+          f"{rates[m]:.1f} | {rates[m] / rates[0]:.2f} |")
 
 
 def rate(iterator, count_fn, seconds: float, warmup: int = 3) -> float:
@@ -107,18 +173,27 @@ def breakdown(directory: str, jpegs: list[bytes], frames_per_video: int, options
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--mode", choices=("throughput", "frames_per_video"), default="throughput")
   parser.add_argument("--threads", type=int, default=1, help="tf.data threads (1 = per core)")
   parser.add_argument("--seconds", type=float, default=10.0, help="measuring time per figure")
-  parser.add_argument("--num_videos", type=int, default=24)
-  parser.add_argument("--frames_per_video", type=int, default=64)
+  parser.add_argument("--num_videos", type=int, default=None,
+                      help="videos written (default: 24 in throughput mode, 4 in frames_per_video mode)")
+  parser.add_argument("--video_frames", type=int, default=64, help="throughput mode: frames per video")
+  parser.add_argument("--kept_frames", default="32,64", help="frames_per_video mode: the M compared with 0")
+  parser.add_argument("--rounds", type=int, default=2, help="frames_per_video mode: measuring rounds")
   parser.add_argument("--batch_size", type=int, default=8)
   args = parser.parse_args()
   tf.config.set_visible_devices([], "GPU")
+  if args.mode == "frames_per_video":
+    args.num_videos = args.num_videos or 4
+    frames_per_video_table(args)
+    return
+  args.num_videos = args.num_videos or 24
 
   with tempfile.TemporaryDirectory() as tmp:
     t0 = time.perf_counter()
-    jpegs = write_shards(tmp, args.num_videos, args.frames_per_video, 256, 340)
-    print(f"wrote {args.num_videos} videos x {args.frames_per_video} frames of 256x340 "
+    jpegs = write_shards(tmp, args.num_videos, args.video_frames, 256, 340)
+    print(f"wrote {args.num_videos} videos x {args.video_frames} frames of 256x340 "
           f"({np.mean([len(j) for j in jpegs]) / 1024:.1f} KiB/frame) in {time.perf_counter() - t0:.1f}s")
 
     options = tf.data.Options()
@@ -144,7 +219,7 @@ def main() -> None:
         yield from ev
 
     videos_per_s = rate(eval_batches(), lambda b: int(b["mask"].sum()), args.seconds, warmup=1)
-    parts = breakdown(tmp, jpegs, args.frames_per_video, options, args.threads, args.seconds / 2)
+    parts = breakdown(tmp, jpegs, args.video_frames, options, args.threads, args.seconds / 2)
 
   per = "per core" if args.threads == 1 else f"with {args.threads} threads"
   print(f"raw tf.io.decode_jpeg (256x340): {frames_per_s:8.1f} frames/s {per} -> ceiling "

@@ -47,3 +47,13 @@ def test_build_tiny_demo_dataset(tmp_path):
   ev = ip.create_eval_iterator(cfg, batch_size=8, num_frames=4, image_size=32, num_clips=1, num_crops=1)
   batch = next(iter(ev))
   assert sorted(batch["label"][batch["mask"]]) == list(range(8))
+
+
+def test_oversampled_video_films_the_same_motion_at_a_higher_frame_rate():
+  """oversample=3: frame 3t + 1 is plain frame t (same draws; noise off), the others lie between."""
+  for label in range(len(demo_dataset.CLASS_NAMES)):
+    plain = demo_dataset.render_video(label, np.random.default_rng(label), num_frames=6, noise=0)
+    fine = demo_dataset.render_video(label, np.random.default_rng(label), num_frames=6, noise=0, oversample=3)
+    assert fine.shape == (18,) + plain.shape[1:]
+    np.testing.assert_array_equal(fine[1::3], plain)
+    assert not np.array_equal(fine[0], fine[1])   # a step between plain frames moves

@@ -41,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   # 'segment' (official): the video is cut into num_frames equal segments,
   # one frame per segment: random position in training, the centre in test.
   # 'dense': num_frames frames `frame_interval` apart from a random start.
+  # Shards written with make_shards --frames_per_video=M > 0 keep M frames per
+  # video (segment centres): segment sampling draws among the kept frames of
+  # each segment (docs/data.md); 'dense' is refused on them.
   c.sampling = "segment"
   # Segment sampling: the official sampler's `frame_interval` (its configs use
   # AUG.FRAME_INTERVAL = 4): the sampled span is the first N - interval + 1
