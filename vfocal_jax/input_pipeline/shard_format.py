@@ -13,7 +13,7 @@ A record without the two optional context features holds every frame
 (today's layout, and other tools' shards): stored frame i is frame i.
 
 Beside the shards the writer puts `dataset_info.json` (per-shard record
-counts, class names, short side, ...) and `labels.txt` (one class name per
+counts, class names, short side, `frames_per_video`, ...) and `labels.txt` (one class name per
 line; line i is class i). Both are optional for reading: shards written by
 other tools work, only without the per-shard counts (see `sources.py`).
 """
