@@ -2,12 +2,19 @@
 
     python tests/multihost_worker.py --num_processes=2 --process_id=0 --port=12345 --out=/tmp/p0.json
     python tests/multihost_worker.py --workdir=/tmp/run --steps=100000      # the whole loop (train_and_evaluate)
+    python tests/multihost_worker.py --workdir=/tmp/run --shards=/tmp/ids --steps=5 --out=/tmp/p{process}.json \
+        --num_processes=2 --process_id=0 --port=12345 --devices_per_process=4 --mesh=4,2
 
 Each process feeds its own rows of every global batch (rows are split in
 process order), as the input pipeline does on a multi-host run. With
 ``--workdir`` the process runs ``train.train_and_evaluate`` as the command
 line does (exits with ``preemption.EXIT_PREEMPTED`` on SIGTERM), on the
-deterministic stream and one synthetic eval batch.
+deterministic stream and one synthetic eval batch; with ``--shards`` too, on
+the real input pipeline over those shards (labels are ids:
+``--num_classes`` of them), and ``--out`` (``{process}`` is replaced) gets
+what the process restored and the labels of every batch it read
+(``--restore_only``: restore as the loop does and read one batch, no
+training).
 """
 from __future__ import annotations
 
@@ -116,6 +123,14 @@ def use_synthetic_eval(set_attribute=setattr) -> None:
   set_attribute(evaluate, "_class_names", lambda config: None)
 
 
+def free_port() -> int:
+  """A TCP port free on 127.0.0.1 now (for the jax.distributed coordinator)."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
 def _barrier(name: str) -> None:
   """Waits for every process (the coordination service's barrier, not a collective: no 30 s Gloo deadline)."""
   from jax._src import distributed  # pylint: disable=import-outside-toplevel
@@ -160,16 +175,19 @@ def main():
   parser.add_argument("--workdir", help="run train_and_evaluate here instead")
   parser.add_argument("--log_every", type=int, default=2)
   parser.add_argument("--checkpoint_every", type=int, default=3)
+  parser.add_argument("--shards", help="with --workdir: the input pipeline on these shards")
+  parser.add_argument("--num_classes", type=int, default=NUM_CLASSES)
+  parser.add_argument("--restore_only", action="store_true")
   args = parser.parse_args()
 
   import jax
   jax.config.update("jax_num_cpu_devices", args.devices_per_process)
-  if args.workdir:
-    train_main(args)
-    return
   if args.num_processes > 1:
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}", num_processes=args.num_processes,
                                process_id=args.process_id)
+  if args.workdir:
+    train_main(args)
+    return
   import numpy as np
   from flax import traverse_util
   config = tiny_config(mesh_shape=tuple(int(x) for x in args.mesh.split(",")))
@@ -181,6 +199,31 @@ def main():
                  "params": {k: np.asarray(v, np.float64).ravel().tolist() for k, v in flat.items()}}, f)
 
 
+def shards_config(args, **overrides):
+  """The tiny model on ``args.shards`` read in stream order (no record shuffle, every file open at once)."""
+  return tiny_config(**{"model.num_classes": args.num_classes, "data.num_classes": args.num_classes,
+                        "data.train_shards": args.shards, "data.shuffle_buffer_size": 1,
+                        "data.cycle_length": 64, "data.num_threads": 2, **overrides})
+
+
+class RecordingIterator:
+  """Passes batches (and the checkpoint calls) through, keeping each batch's labels."""
+
+  def __init__(self, inner):
+    self.inner, self.labels = inner, []
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self.inner)
+    self.labels.append([int(x) for x in batch["label"]])
+    return batch
+
+  def __getattr__(self, name):  # save, restore, position, restore_position
+    return getattr(self.inner, name)
+
+
 def train_main(args):
   """``train.train_and_evaluate`` in ``args.workdir``, logging at INFO to stderr as the command line does."""
   from absl import logging
@@ -188,10 +231,45 @@ def train_main(args):
   logging.set_verbosity(logging.INFO)
   logging.use_absl_handler()
   use_synthetic_eval()
-  config = tiny_config(mesh_shape=tuple(int(x) for x in args.mesh.split(",")), num_train_steps=args.steps,
-                       log_every_steps=args.log_every, checkpoint_every_steps=args.checkpoint_every,
-                       async_checkpointing=True)
-  train.train_and_evaluate(config, args.workdir, train_iter=StreamIterator(config), steps_per_epoch=100)
+  fields = dict(mesh_shape=tuple(int(x) for x in args.mesh.split(",")), num_train_steps=args.steps,
+                log_every_steps=args.log_every, checkpoint_every_steps=args.checkpoint_every,
+                async_checkpointing=True)
+  if not args.shards:
+    config = tiny_config(**fields)
+    train.train_and_evaluate(config, args.workdir, train_iter=StreamIterator(config), steps_per_epoch=100)
+    return
+  import jax
+  import numpy as np
+  from flax import traverse_util
+  from vfocal_jax import checkpoints, sharding
+  config = shards_config(args, **fields)
+  train_iter = RecordingIterator(train.create_train_iterator(config))
+  restored = {}
+  restore_latest = checkpoints.restore_latest
+
+  def recording_restore(*a, **k):  # What the loop restores, read before the train step donates it.
+    state = restore_latest(*a, **k)
+    if state is not None:
+      restored["step"] = int(sharding.to_host(state.step))
+      restored["params"] = traverse_util.flatten_dict(sharding.to_host(state.params), sep="/")
+    return state
+
+  checkpoints.restore_latest = recording_restore
+  if args.restore_only:
+    trainer = train.Trainer(config, steps_per_epoch=100)
+    manager = checkpoints.create_manager(args.workdir, async_save=False)
+    checkpoints.restore_latest(manager, trainer.abstract_target(), train_iter)
+    manager.close()
+    next(train_iter)
+  else:
+    train.train_and_evaluate(config, args.workdir, train_iter=train_iter, steps_per_epoch=100,
+                             exit_on_preemption=False)
+  out = {"process_index": jax.process_index(), "process_count": jax.process_count(),
+         "device_count": jax.device_count(), "labels": train_iter.labels, "restored_step": restored.get("step")}
+  if "params" in restored and jax.process_index() == 0:
+    np.savez(args.out.format(process="params") + ".npz", **restored["params"])
+  with open(args.out.format(process=jax.process_index()), "w") as f:
+    json.dump(out, f)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,15 @@
 """Two processes joined by jax.distributed on 127.0.0.1 give the same losses and params as one."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 
+from multihost_worker import free_port
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 ROOT = os.path.dirname(os.path.dirname(WORKER))
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _launch(out, num_processes, process_id, devices, port):
@@ -26,7 +21,7 @@ def _launch(out, num_processes, process_id, devices, port):
 
 
 def test_two_processes_equal_one(tmp_path):
-  port = _free_port()
+  port = free_port()
   procs = [_launch(tmp_path / "multi.json", 2, i, 2, port) for i in range(2)]
   single = _launch(tmp_path / "single.json", 1, 0, 4, 0)
   for p in procs + [single]:

@@ -4,9 +4,14 @@ Layout: ``workdir/checkpoints/<step>/{state,data,loop}`` through one
 ``ocp.CheckpointManager`` (asynchronous saves; the latest ``keep`` steps plus the
 ``keep_best`` best by eval top-1 are kept). ``state`` is the train state as a
 plain nested dict (``flax.serialization.to_state_dict``), so its ``params``
-entry can be read without knowing the optimizer. ``data`` holds one file per
+entry can be read without knowing the optimizer; it restores onto any mesh
+(Orbax reshards it onto the target's shardings). ``data`` holds one file per
 process written by the input iterator's own ``save(path)``: restoring both
-puts a resumed run at the same batch with the same rng. ``loop`` is a small
+with the same process count puts a resumed run at the same batch with the
+same rng. Beside them ``data/position.json`` holds the global count of
+examples consumed, from which another process count resumes near the same
+place (``restore_data``; docs/cloud.md, "Resuming on a slice of another
+size"). ``loop`` is a small
 JSON of the loop's own state (the partial window of logged metrics), so a
 resumed run logs the same windows as an uninterrupted one.
 
@@ -17,6 +22,8 @@ directory and the last committed step, which stays intact.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
 from typing import Any
 
@@ -39,21 +46,80 @@ class CheckpointWriteError(OSError):
   """A checkpoint could not be written (e.g. the disk is full); the previous one is intact."""
 
 
-# --- The input iterator as an Orbax item (one file per process). ------------------------------
+# --- The input iterator as an Orbax item (one file per process, one global position). ---------
+
+POSITION_FILE = "position.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataRestore:
+  """How the input position came back: ``exact`` (True), approximately (False) or not at all (None)."""
+  exact: bool | None
+  detail: str
+  saved_process_count: int | None = None
+  saved_device_count: int | None = None
+
+
+def _process_file(process_index: int, process_count: int) -> str:
+  return f"process_{process_index}-of-{process_count}"
+
+
+def _saved_process_count(directory: epath.Path, position: dict[str, Any]) -> int | None:
+  """The process count that wrote ``directory``: from its position file, else from its state files' names."""
+  if position.get("process_count"):
+    return int(position["process_count"])
+  counts = {p.name.split("-of-")[1].split(".")[0] for p in directory.glob("process_*-of-*")}
+  return int(counts.pop()) if len(counts) == 1 and next(iter(counts)).isdigit() else None
+
+
+def restore_data(directory: epath.Path, item: Any, process_index: int, process_count: int) -> DataRestore:
+  """Moves ``item`` to the position saved in ``directory``, by this process of ``process_count``.
+
+  The saved state of this process (``process_<i>-of-<n>``, written by the
+  same process count) restores exactly. Without it (another process count,
+  or ``data.checkpoint_iterator=False``) an item with ``restore_position``
+  resumes near the saved global count of examples (``position.json``);
+  anything else starts from the beginning. Never raises for a missing state.
+  """
+  position_path = directory / POSITION_FILE
+  position = json.loads(position_path.read_text()) if position_path.exists() else {}
+  saved_processes = _saved_process_count(directory, position)
+  result = functools.partial(DataRestore, saved_process_count=saved_processes,
+                             saved_device_count=position.get("device_count"))
+  own = directory / _process_file(process_index, process_count)
+  if any(p.name == own.name or p.name.startswith(own.name + ".") for p in directory.iterdir()):
+    detail = (item.restore_position(position, exact=True) if hasattr(item, "restore_position")
+              else "the saved state of this host's iterator")  # First: it may rebuild the stream the state fits.
+    item.restore(os.fspath(own))
+    return result(True, detail)
+  why = (f"no iterator state for process {process_index} of {process_count} "
+         f"(saved by {saved_processes or 'an unknown number of'} process(es))")
+  if position.get("state_saved") is False:
+    why = "the iterator state was not saved (data.checkpoint_iterator=False)"
+  if not hasattr(item, "restore_position"):
+    return result(None, f"{why}; this iterator cannot move, it starts from the beginning")
+  detail = item.restore_position(position, exact=False)
+  return result(None if detail.startswith("nothing") else False, f"{why}; {detail}")
+
 
 class DataIteratorHandler(ocp.CheckpointHandler):
-  """Saves/restores an iterator that has ``save(path)`` / ``restore(path)`` (e.g. clu's)."""
+  """Saves/restores an iterator that has ``save(path)`` / ``restore(path)`` (e.g. clu's).
 
-  def _path(self, directory: epath.Path) -> str:
-    return os.fspath(directory / f"process_{jax.process_index()}-of-{jax.process_count()}")
+  Each process writes its exact state to ``process_<i>-of-<n>``; process 0
+  also writes ``position.json`` from the iterator's ``position()`` (when it
+  has one) plus the process and device counts, for a restore by another
+  process count (``restore_data``). ``restore`` returns a ``DataRestore``.
+  """
 
   def save(self, directory: epath.Path, args: "DataIteratorSave") -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    args.item.save(self._path(directory))
+    args.item.save(os.fspath(directory / _process_file(jax.process_index(), jax.process_count())))
+    if jax.process_index() == 0 and hasattr(args.item, "position"):
+      position = dict(args.item.position(), process_count=jax.process_count(), device_count=jax.device_count())
+      (directory / POSITION_FILE).write_text(json.dumps(position))
 
-  def restore(self, directory: epath.Path, args: "DataIteratorRestore") -> Any:
-    args.item.restore(self._path(directory))
-    return args.item
+  def restore(self, directory: epath.Path, args: "DataIteratorRestore") -> DataRestore:
+    return restore_data(directory, args.item, jax.process_index(), jax.process_count())
 
 
 @ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
@@ -200,8 +266,11 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
   """Restores the latest (or given) step into the structure/shardings of ``abstract_state``.
 
   ``abstract_state`` is a state whose leaves are ``jax.ShapeDtypeStruct`` with
-  shardings (the restored arrays land there). The iterator, if given and
-  saved, is moved to the saved position. Returns None if there is nothing to restore.
+  shardings (the restored arrays land there, whatever mesh saved them). The
+  iterator, if given and saved, is moved to the saved position: exactly by
+  the process count that saved it, approximately by another one
+  (``restore_data``). One log line says which. Returns None if there is
+  nothing to restore.
   """
   step = manager.latest_step() if step is None else step
   if step is None:
@@ -213,8 +282,28 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
   if _checkpointable(data_iterator) and (has_data or _has_data_dir(manager, step)):
     items["data"] = DataIteratorRestore(data_iterator)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
-  logging.info("Restored checkpoint at step %d from %s.", step, manager.directory)
+  logging.info("%s", describe_restore(step, manager.directory, restored["data"] if "data" in items else None,
+                                      jax.process_count(), jax.device_count()))
   return serialization.from_state_dict(abstract_state, restored["state"])
+
+
+def describe_restore(step: int, directory: Any, data: DataRestore | None, process_count: int,
+                     device_count: int) -> str:
+  """The one log line of a restore: what came back exactly, what approximately, what not."""
+  head = f"Restored checkpoint step {step} from {directory}"
+  if data is not None and data.saved_process_count and data.saved_device_count:
+    mesh = (f"saved by {data.saved_process_count} process(es) on {data.saved_device_count} devices, "
+            f"restored by {process_count} on {device_count}")
+  else:
+    mesh = f"restored by {process_count} process(es) on {device_count} devices"
+  if data is None:
+    return f"{head}. Exact: the train state (step {step}; {mesh}). No input position was saved or asked for."
+  if data.exact:
+    return f"{head}. Exact: the train state (step {step}) and the input position ({mesh})."
+  if data.exact is None:
+    return f"{head}. Exact: the train state (step {step}; {mesh}). Not restored: the input position ({data.detail})."
+  return (f"{head}. Exact: the train state (step {step}; {mesh}). "
+          f"Approximate: the input position ({data.detail}).")
 
 
 def read_loop_state(manager: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:

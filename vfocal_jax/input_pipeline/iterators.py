@@ -4,11 +4,17 @@ Both refuse a record whose label is outside [0, num_classes) with a
 `LabelOutOfRangeError` naming the shard and the label: such a record means
 the classifier has the wrong number of classes for the data (or the labels
 are wrong), which skipping would hide.
+
+The train iterator counts the examples it has yielded on all hosts together
+(`position()`), so a checkpoint restored by another number of processes can
+still put the input near where it was (`restore_position`, rule in
+`records_to_skip`).
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -40,22 +46,50 @@ def check_labels(files: np.ndarray, labels: np.ndarray, num_classes: int | None)
       f"classifier head of the wrong size.")
 
 
+def records_to_skip(examples_consumed: int, epoch_size: int | None, process_index: int,
+                    process_count: int) -> tuple[int, int]:
+  """Raw records host ``process_index`` of ``process_count`` skips to resume near a saved position.
+
+  The examples consumed in the current epoch (``examples_consumed % epoch_size``;
+  all of them when the epoch size is unknown) are shared out over the hosts,
+  the first hosts taking one more when they do not divide: the hosts together
+  skip exactly that many records of their (re-split) files. Returns
+  ``(records this host skips, examples consumed in the current epoch)``.
+  """
+  in_epoch = examples_consumed % epoch_size if epoch_size else examples_consumed
+  share, rest = divmod(in_epoch, process_count)
+  return share + (1 if process_index < rest else 0), in_epoch
+
+
 class TrainIterator:
   """Infinite iterator of training batches (dicts of NumPy) with a checkpointable state.
 
   `save(path)` / `restore(path)` write / read the tf.data iterator state
   (clu.data.TfDatasetIterator): a restored iterator yields exactly the
   batches the saved one would have yielded next. The state includes the
-  shuffle buffer (`shuffle_buffer_size` serialized records).
+  shuffle buffer (`shuffle_buffer_size` serialized records). It belongs to
+  one host of one process count; `position()` / `restore_position()` carry
+  the global count of examples consumed to any process count instead.
   """
 
-  def __init__(self, dataset: tf.data.Dataset, info: DatasetInfo, checkpoint: bool):
-    from clu.data import dataset_iterator
-    self._it = dataset_iterator.TfDatasetIterator(dataset, checkpoint=checkpoint)
+  def __init__(self, dataset: tf.data.Dataset, info: DatasetInfo, checkpoint: bool, *,
+               global_batch: int | None = None, process_index: int = 0, process_count: int = 1,
+               rebuild: Callable[[int], tf.data.Dataset] | None = None):
+    self._checkpoint = checkpoint
+    self._it = self._wrap(dataset)
     self.info = info
     self.num_examples = info.num_examples
     self.num_classes = info.num_classes
     self.label_names = info.label_names
+    self.global_batch = global_batch            # examples one batch of every host together holds
+    self.process_index, self.process_count = process_index, process_count
+    self._rebuild = rebuild                     # skip_records -> this host's dataset
+    self.examples_consumed: int | None = 0      # on all hosts; None: unknown (an older checkpoint)
+    self._skipped = 0                           # records all hosts skipped at the start of their streams
+
+  def _wrap(self, dataset: tf.data.Dataset):
+    from clu.data import dataset_iterator
+    return dataset_iterator.TfDatasetIterator(dataset, checkpoint=self._checkpoint)
 
   def __iter__(self) -> TrainIterator:
     return self
@@ -63,6 +97,8 @@ class TrainIterator:
   def __next__(self) -> dict[str, np.ndarray]:
     batch = next(self._it)
     check_labels(batch.pop("file"), batch["label"], self.num_classes)
+    if self.examples_consumed is not None and self.global_batch:
+      self.examples_consumed += self.global_batch
     return batch
 
   @property
@@ -70,10 +106,53 @@ class TrainIterator:
     return {k: v for k, v in self._it.element_spec.items() if k != "file"}
 
   def save(self, filename: str | os.PathLike) -> None:
+    """Writes this host's exact tf.data state (nothing when `data.checkpoint_iterator` is False)."""
     self._it.save(filename)
 
   def restore(self, filename: str | os.PathLike) -> None:
     self._it.restore(filename)
+
+  def _skip(self, skipped: int, *, restart: bool) -> None:
+    """This host's stream after its share of ``skipped`` records (all hosts together); `restart`: even if unchanged."""
+    if skipped == self._skipped and not restart:
+      return
+    if self._rebuild is None:
+      raise ValueError("This iterator was built without a way to skip records (create it with create_train_iterator).")
+    self._it = self._wrap(self._rebuild(records_to_skip(skipped, None, self.process_index, self.process_count)[0]))
+    self._skipped = skipped
+
+  def position(self) -> dict[str, Any]:
+    """What any number of hosts needs to resume near here (JSON): the global count of examples consumed."""
+    return {"examples_consumed": self.examples_consumed, "global_batch": self.global_batch,
+            "epoch_size": self.num_examples, "state_saved": self._checkpoint, "skipped_at_start": self._skipped}
+
+  def restore_position(self, position: dict[str, Any], *, exact: bool) -> str:
+    """Adopts a saved `position()`; `exact`: `restore` follows, else moves the stream near it.
+
+    Exact: the stream is rebuilt as the saving iterator's was (with the same
+    records skipped at its start, if it was itself resumed this way), so that
+    its tf.data state fits. Moving: this host skips `records_to_skip(...)` raw
+    records of its files (read, not decoded) before the shuffle; the shuffle
+    buffer, the file order and the random draws start afresh from the seed.
+    Returns what was done, for the log.
+    """
+    consumed = position.get("examples_consumed")
+    self.examples_consumed = None if consumed is None else int(consumed)
+    if exact:
+      self._skip(int(position.get("skipped_at_start") or 0), restart=False)
+      return "the saved state of this host's iterator"
+    if consumed is None:
+      return ("nothing: the checkpoint holds no global count of examples consumed (written before counts "
+              "were); this host reads its files from the start")
+    if self._rebuild is None:
+      return "nothing: this iterator cannot skip records; this host reads its files from the start"
+    epoch = self.num_examples or position.get("epoch_size") or None
+    skip, in_epoch = records_to_skip(int(consumed), epoch, self.process_index, self.process_count)
+    self._skip(in_epoch, restart=True)
+    epoch_text = f"{in_epoch} of them in the current epoch of {epoch}" if epoch else "the epoch size is unknown"
+    return (f"{int(consumed)} examples consumed ({epoch_text}): the files are split over {self.process_count} "
+            f"process(es) and this one (process {self.process_index}) skips {skip} raw records of its files "
+            f"before the shuffle; the shuffle buffer and the random draws restart from the seed")
 
 
 class EvalIterator:
@@ -135,10 +214,15 @@ def create_train_iterator(data_cfg: ml_collections.ConfigDict, *, batch_size: in
   Raises (when iterated):
     LabelOutOfRangeError: a record's label is outside [0, num_classes).
   """
-  ds, info = build_train_dataset(data_cfg, batch_size=batch_size, seed=seed, num_frames=num_frames,
-                                 image_size=image_size, process_index=process_index,
-                                 process_count=process_count)
-  return TrainIterator(ds, info, bool(data_cfg.checkpoint_iterator))
+  def build(skip_records: int = 0):
+    return build_train_dataset(data_cfg, batch_size=batch_size, seed=seed, num_frames=num_frames,
+                               image_size=image_size, process_index=process_index,
+                               process_count=process_count, skip_records=skip_records)
+
+  ds, info = build()
+  return TrainIterator(ds, info, bool(data_cfg.checkpoint_iterator), global_batch=batch_size * process_count,
+                       process_index=process_index, process_count=process_count,
+                       rebuild=lambda skip: build(skip)[0])
 
 
 def create_eval_iterator(data_cfg: ml_collections.ConfigDict, *, batch_size: int, num_frames: int,
