@@ -2,6 +2,9 @@
 
     JAX_PLATFORMS=cpu python benchmarks/plan_table.py --rows=tiny@v5e:2x2,small@v5e:2x2 --out_dir=/tmp/plan_rows
     python benchmarks/plan_table.py --out_dir=/tmp/plan_rows --table_only   # print the table of the rows done
+    python benchmarks/plan_table.py --weak=a.json,b.json   # weak-scaling table of `plan --json` reports
+    python benchmarks/plan_table.py --weak_topologies=v5e:2x2,v5e:4x4 --weak_config=demo --clips_per_chip=8 \
+        --set=image_size=224 --set=model.dtype=bfloat16 --out_dir=/tmp/weak   # train step only, same clips/chip
 
 Each row (recipe @ topology) is one ``plan.run`` (train + eval compile, each
 taking minutes for the full-size models) and is saved as ``out_dir/<row>.json``,
@@ -105,6 +108,56 @@ def table(reports: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def weak_table(reports: list[dict]) -> str:
+  """Markdown weak-scaling table: one line per report (same config, same batch per chip, growing slices)."""
+  head = ("| slice | chips | clips / chip | train-step collectives per chip | memory / chip | est. step | "
+          "est. clips/s/chip | vs first |")
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  first = None
+  for r in sorted(reports, key=lambda r: r["num_chips"]):
+    s = r["train"]
+    if not s["ok"]:
+      lines.append(f"| {r['topology']} | {r['num_chips']} | {s['batch_per_chip']:g} | does not compile: {s['error']} |"
+                   " | | | |")
+      continue
+    coll = ", ".join(f"{e['kind']} {e['bytes'] / 2 ** 20:.1f} MiB x{e['count']}" for e in s["collectives"] or [])
+    t, mem = s["estimated_step_seconds"], s["total_bytes_per_chip"]
+    first = first or (t, mem)
+    ratio = f"step x{t / first[0]:.3f}, memory x{mem / first[1]:.3f}" if t and first[0] else "-"
+    lines.append(f"| {r['topology']} | {r['num_chips']} | {s['batch_per_chip']:g} | {coll or 'none'} | "
+                 f"{mem / 2 ** 30:.2f} GiB | {_f(None if t is None else 1e3 * t, '.1f')} ms | "
+                 f"{_f(s['estimated_clips_per_second_per_chip'], '.1f')} | {ratio} |")
+  return "\n".join(lines)
+
+
+def run_weak(config_name: str, topologies: list[str], clips_per_chip: int, overrides: list[str],
+             out_dir: str) -> list[dict]:
+  """``plan`` of the train step only, for one config at ``clips_per_chip`` on each topology; one JSON each."""
+  import importlib
+  from vfocal_jax import plan
+  reports = []
+  for topology in topologies:
+    config = importlib.import_module(f"configs.{config_name}").get_config()
+    for item in overrides:
+      key, value = item.split("=", 1)
+      *parents, leaf = key.split(".")
+      node = config
+      for p in parents:
+        node = node[p]
+      current = node[leaf]
+      node[leaf] = value == "True" if isinstance(current, bool) else value if current is None else type(current)(value)
+    devices = plan.target_devices(topology)
+    chips, _ = plan.tpu_specs.chip_layout(devices)
+    config.batch_size = clips_per_chip * chips // max(int(config.accumulation_steps), 1)
+    report, _ = plan.make_report(config, topology=topology, train_only=True)
+    print(plan.format_report(report), flush=True)
+    path = os.path.join(out_dir, f"weak_{config_name}_{row_name(topology)}.json")
+    with open(path, "w") as f:
+      json.dump(report, f, indent=2, sort_keys=True)
+    reports.append(report)
+  return reports
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="recipe@topology, comma-separated.")
@@ -114,7 +167,28 @@ def main():
   parser.add_argument("--reanalyze", action="store_true",
                       help="With --table_only: recompute the cost figures of the saved rows from their raw cost "
                            "analysis and HLO (after a change to how they are read), and save them.")
+  parser.add_argument("--weak", default="",
+                      help="Comma-separated plan --json reports of one config on growing slices (same batch per "
+                           "chip): print their weak-scaling table and stop.")
+  parser.add_argument("--weak_topologies", default="",
+                      help="Comma-separated topologies: plan the train step of --weak_config at --clips_per_chip on "
+                           "each (JSON in --out_dir), then print the weak-scaling table.")
+  parser.add_argument("--weak_config", default="demo", help="A module of configs/ for --weak_topologies.")
+  parser.add_argument("--clips_per_chip", type=int, default=8)
+  parser.add_argument("--set", action="append", default=[], help="FIELD=VALUE config override (repeatable).")
   args = parser.parse_args()
+  if args.weak_topologies:
+    os.makedirs(args.out_dir, exist_ok=True)
+    print(weak_table(run_weak(args.weak_config, args.weak_topologies.split(","), args.clips_per_chip, args.set,
+                              args.out_dir)))
+    return
+  if args.weak:
+    reports = []
+    for path in args.weak.split(","):
+      with open(path) as f:
+        reports.append(json.load(f))
+    print(weak_table(reports))
+    return
   os.makedirs(args.out_dir, exist_ok=True)
   if not args.table_only:
     for row in filter(None, args.rows.split(",")):

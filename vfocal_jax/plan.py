@@ -438,9 +438,12 @@ def run(config: ml_collections.ConfigDict, *, topology: str | None = None, json_
 
 
 def make_report(config: ml_collections.ConfigDict, *, topology: str | None = None, search_batch: bool = False,
-                measure: bool = False, pipeline_clips_per_core: float | None = None,
+                measure: bool = False, pipeline_clips_per_core: float | None = None, train_only: bool = False,
                 log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Any]]:
-  """``run`` without printing: the report and the compile attempts (``compile_steps``) it was read from."""
+  """``run`` without printing: the report and the compile attempts (``compile_steps``) it was read from.
+
+  ``train_only``: compile the train step only (the report's ``eval`` is None).
+  """
   if pipeline_clips_per_core is not None and not pipeline_clips_per_core > 0:
     raise ValueError(f"--pipeline_clips_per_core={pipeline_clips_per_core}: must be > 0 (training clips/s per host "
                      "core, as benchmarks/bench_input_pipeline.py prints it).")
@@ -472,12 +475,12 @@ def make_report(config: ml_collections.ConfigDict, *, topology: str | None = Non
                  "eval_batch_size": int(cfg.eval_batch_size), "eval_views": views},
       "estimates": "compiler cost model" if not local else "compiler cost model, where the backend gives one",
       "unknown": [], "warnings": []}
-  steps = compile_steps(cfg, mesh)
+  steps = compile_steps(cfg, mesh, eval=not train_only)
   common = dict(devices_per_chip=per_chip, chip=chip, hbm_bytes=hbm, num_chips=num_chips)
   b = int(cfg.batch_size) * accum
   report["train"] = analyze(steps["train"], clips=b, videos=b, **common)
-  report["eval"] = analyze(steps["eval"], clips=int(cfg.eval_batch_size) * views, videos=int(cfg.eval_batch_size),
-                           **common)
+  report["eval"] = None if train_only else analyze(
+      steps["eval"], clips=int(cfg.eval_batch_size) * views, videos=int(cfg.eval_batch_size), **common)
   bytes_per_clip, bytes_source = shard_bytes_per_clip(cfg)
   report["input"] = input_budget(report["train"]["estimated_clips_per_second_per_chip"], num_chips=num_chips,
                                  pipeline_clips_per_core=pipeline_clips_per_core, bytes_per_clip=bytes_per_clip,
@@ -493,6 +496,8 @@ def make_report(config: ml_collections.ConfigDict, *, topology: str | None = Non
     unknown.append(f"peak FLOP/s of a {kind} device (no MFU)")
   for name in ("train", "eval"):
     s = report[name]
+    if s is None:
+      continue
     if s["ok"] and s["total_bytes_per_chip"] is None:
       unknown.append(f"{name}: part of memory_analysis() on {platform}")
     if s["ok"] and s["estimated_step_seconds"] is None:
@@ -523,7 +528,7 @@ def _depthwise(cfg) -> str:
 def _measure(report, steps, cfg, mesh) -> None:
   trainer = steps["trainer"]
   with mesh:
-    if steps["eval"]["compiled"] is not None:
+    if "eval" in steps and steps["eval"]["compiled"] is not None:
       params = trainer.init_state().params
       report["eval"]["measured_step_seconds"] = measure_step(
           steps["eval"]["compiled"], lambda: (params, _zeros(eval_batch_specs(cfg, mesh))))
@@ -558,6 +563,8 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append("Every time and FLOP count is the TPU compiler's cost-model estimate: nothing ran on a TPU.")
   for name in ("train", "eval"):
     s = r[name]
+    if s is None:
+      continue
     what = (f"global batch {s['global_batch']} clips = {s['batch_per_chip']:g} per chip" if name == "train" else
             f"global batch {s['global_batch']} videos x {c['eval_views']} views = {s['clips_per_chip']:g} clips "
             "per chip")
