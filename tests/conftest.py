@@ -1,5 +1,8 @@
 """Test-wide setup: 8 simulated CPU devices, quiet TensorFlow, a shared XLA compilation cache."""
+import importlib.util
 import os
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,3 +35,15 @@ COSTLIEST_FIRST = ("test_cloud_storage.py", "test_model.py", "test_train_resume.
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(COSTLIEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+# torch (independent references, real .pth files) and libtpu (TPU-slice compiles of `plan`) are test
+# dependencies (requirements-test.txt), imported plainly by the tests: without them the run stops here, with
+# the fix, instead of skipping what needs them.
+TEST_DEPENDENCIES = ("torch", "libtpu")
+
+
+def pytest_sessionstart(session):
+  missing = [name for name in TEST_DEPENDENCIES if importlib.util.find_spec(name) is None]
+  if missing:
+    raise pytest.UsageError(f"the tests need {', '.join(missing)}: pip install -r requirements-test.txt")
