@@ -36,7 +36,8 @@ from jax import lax
 from vfocal_jax import artifacts, paths, pixels
 from vfocal_jax.export import runtime
 
-__all__ = ["DEFAULT_PLATFORMS", "DEPTHWISE_IMPL", "clip_logits_fn", "export_exported", "run"]
+__all__ = ["DEFAULT_PLATFORMS", "DEPTHWISE_IMPL", "clip_logits_fn", "views_probabilities_fn", "export_clip_fn",
+           "tensorflow_lowering", "save_saved_model", "golden_clips", "run"]
 
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 DEPTHWISE_IMPL = {"cpu": "shift", "default": "xla"}  # What 'auto' resolves to on one device of each platform.
@@ -46,8 +47,8 @@ GOLDEN_SEED = 0
 # the default matmul precision is lower (TF32 on recent GPUs, one bfloat16 pass on TPU): a loose bound
 # relative to the logits' scale, not measured on those platforms.
 CPU_ATOL = 1e-4
-SAVED_MODEL_STABLEHLO = "WEEK_12"  # What TensorFlow 2.21 reads (see `tensorflow_lowering`).
 OTHER_RTOL = 5e-2
+SAVED_MODEL_STABLEHLO = "WEEK_12"  # What TensorFlow 2.21 reads (see `tensorflow_lowering`).
 
 
 def normalization(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -57,8 +58,7 @@ def normalization(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarr
   return scale, (-np.asarray(mean, np.float32) * scale).astype(np.float32)
 
 
-def clip_logits_fn(model: Any, params: Any, mean: Sequence[float], std: Sequence[float]
-                   ) -> Callable[[Any, jax.Array], jax.Array]:
+def clip_logits_fn(model: Any, mean: Sequence[float], std: Sequence[float]) -> Callable[[Any, jax.Array], jax.Array]:
   """``fn(params, video uint8 (B, T, H, W, 3)) -> float32 logits (B, C)``: normalise, then the eval forward.
 
   The depthwise implementation is chosen by the platform that runs the program (``DEPTHWISE_IMPL``).
@@ -88,7 +88,7 @@ def views_probabilities_fn(clip_fn: Callable[[Any, jax.Array], jax.Array], clip_
   return fn
 
 
-def export_exported(clip_fn: Callable[[Any, jax.Array], jax.Array], params: Any, clip_shape: Sequence[int],
+def export_clip_fn(clip_fn: Callable[[Any, jax.Array], jax.Array], params: Any, clip_shape: Sequence[int],
                     platforms: Sequence[str] = DEFAULT_PLATFORMS) -> jax_export.Exported:
   """``jax.export`` of ``clip_fn`` with ``params`` closed over (constants in the module) and a symbolic batch."""
   t, h, w, c = clip_shape
@@ -230,8 +230,8 @@ def run(config: Any = None, *, checkpoint: str | None = None, workdir: str | Non
                           config_given=config_given, overrides=overrides)
   config = loaded.config
   clip_shape = (int(config.num_frames), int(config.image_size), int(config.image_size), 3)
-  clip_fn = clip_logits_fn(loaded.model, loaded.params, config.data.mean, config.data.std)
-  exported = export_exported(clip_fn, loaded.params, clip_shape, platforms)
+  clip_fn = clip_logits_fn(loaded.model, config.data.mean, config.data.std)
+  exported = export_clip_fn(clip_fn, loaded.params, clip_shape, platforms)
   model_bytes = exported.serialize()
   video, logits = golden_clips(loaded.model, loaded.params, config, clip_shape)
   scale = max(1.0, float(np.max(np.abs(logits))))
@@ -273,6 +273,6 @@ def run(config: Any = None, *, checkpoint: str | None = None, workdir: str | Non
   card_json = loaded.card.to_json()
   card_json["export"] = entry
   paths.write_json(out / runtime.CARD_FILE, card_json)
-  print(f"Exported {loaded.source} to {out} in {time.perf_counter() - start:.0f}s "
-        f"({', '.join(entry['platforms'])}; uint8 clips (B, {t}, {h}, {w}, 3) -> logits (B, {loaded.card.num_classes}))")
+  print(f"Exported {loaded.source} to {out} in {time.perf_counter() - start:.0f}s ({', '.join(entry['platforms'])}; "
+        f"uint8 clips (B, {t}, {h}, {w}, 3) -> logits (B, {loaded.card.num_classes})); see docs/serving.md")
   return entry
