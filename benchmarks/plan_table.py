@@ -15,6 +15,7 @@ from whatever is there. ``--search_batch`` adds the largest batch per chip
 from __future__ import annotations
 
 import argparse
+import ast
 import glob
 import gzip
 import json
@@ -145,7 +146,10 @@ def run_weak(config_name: str, topologies: list[str], clips_per_chip: int, overr
       for p in parents:
         node = node[p]
       current = node[leaf]
-      node[leaf] = value == "True" if isinstance(current, bool) else value if current is None else type(current)(value)
+      if isinstance(current, (tuple, list)):
+        node[leaf] = type(current)(ast.literal_eval(value))
+      else:
+        node[leaf] = value == "True" if isinstance(current, bool) else value if current is None else type(current)(value)
     devices = plan.target_devices(topology)
     chips, _ = plan.tpu_specs.chip_layout(devices)
     config.batch_size = clips_per_chip * chips // max(int(config.accumulation_steps), 1)
