@@ -20,10 +20,12 @@ from typing import Any
 
 import ml_collections
 
-from vfocal_jax import paths
+from vfocal_jax import file_checks, paths
+from vfocal_jax.file_checks import BadFileError
 
 __all__ = ["CARD_FILE", "ARCHITECTURE_FIELDS", "CLIP_FIELDS", "PREPROCESSING_FIELDS", "ModelCard",
-           "CardMismatchError", "card_from_config", "architecture_of", "apply_card", "read_card", "write_card"]
+           "CardMismatchError", "BadFileError", "card_from_config", "architecture_of", "apply_card", "check_fields",
+           "read_card", "write_card"]
 
 CARD_FILE = "model_card.json"
 FORMAT = "vfocal_jax.model_card/1"
@@ -65,13 +67,67 @@ class ModelCard:
             "provenance": _jsonable(self.provenance)}
 
   @classmethod
-  def from_json(cls, value: Mapping[str, Any], source: str = "") -> "ModelCard":
+  def from_json(cls, value: Any, source: str = "") -> "ModelCard":
+    """A card from its JSON value, every known field checked (``BadFileError`` names the file and the field)."""
+    source = source or "model card"
+    value = file_checks.mapping(value, source)
     if value.get("format") != FORMAT or not isinstance(value.get("fields"), dict):
-      raise ValueError(f"{source or 'model card'}: not a {FORMAT} card (format={value.get('format')!r}).")
+      raise BadFileError(source, f"not a {FORMAT} card (format={value.get('format')!r:.60}, "
+                                 f"fields {'present' if isinstance(value.get('fields'), dict) else 'missing'})")
+    fields = {str(k): _tuples(v) for k, v in value["fields"].items()}
+    check_fields(fields, source)
     names = value.get("class_names")
-    return cls(fields={k: _tuples(v) for k, v in value["fields"].items()},
-               class_names=list(names) if names is not None else None,
-               provenance=dict(value.get("provenance") or {}))
+    if names is not None:
+      names = list(file_checks.strings(names, source, "class_names", max_len=1_000_000))
+      if "model.num_classes" in fields and len(names) != fields["model.num_classes"]:
+        raise BadFileError(source, f"class_names has {len(names)} names for a model.num_classes="
+                                   f"{fields['model.num_classes']} head")
+    provenance = value.get("provenance")
+    return cls(fields=fields, class_names=names,
+               provenance=dict(file_checks.mapping(provenance, source, "provenance")) if provenance else {})
+
+
+def check_fields(fields: Mapping[str, Any], source: str) -> None:
+  """Types and bounds of the card's known fields, and the ones that must agree (unknown fields pass)."""
+  fc, src = file_checks, source
+  ints = {"model.embed_dim": (1, 1 << 16), "model.num_frames": (1, 4096), "model.tubelet_size": (1, 4096),
+          "model.patch_size": (1, 256), "model.num_classes": (1, 1 << 20), "num_frames": (1, 4096),
+          "image_size": (32, 8192), "data.frame_interval": (1, 4096), "test_num_clips": (1, 1024),
+          "test_num_crops": (1, 3)}
+  bools = ("model.use_layerscale", "model.use_postln", "model.use_postln_in_modulation",
+           "model.normalize_modulator", "model.use_conv_embed")
+  choices = {"model.design": ("parallel", "spatial_only", "sequential", "joint3d"),
+             "model.temporal_conv": ("dense", "depthwise"), "data.sampling": ("segment", "dense"),
+             "data.eval_clip_offsets": ("uniform", "random")}
+  for key, (lo, hi) in ints.items():
+    if key in fields:
+      fc.integer(fields[key], src, key, lo=lo, hi=hi)
+  for key in bools:
+    if key in fields:
+      fc.boolean(fields[key], src, key)
+  for key, options in choices.items():
+    if key in fields:
+      fc.choice(fields[key], src, key, options)
+  for key in ("model.mlp_ratio", "data.eval_resize_ratio"):
+    if key in fields:
+      fc.number(fields[key], src, key, positive=True, hi=64)
+  if "model.layerscale_value" in fields:
+    fc.number(fields["model.layerscale_value"], src, "model.layerscale_value")
+  if "data.mean" in fields:
+    fc.numbers(fields["data.mean"], src, "data.mean", length=3, lo=-1e4, hi=1e4)
+  if "data.std" in fields:
+    fc.numbers(fields["data.std"], src, "data.std", length=3, positive=True, hi=1e4)
+  stages = [k for k in ("model.depths", "model.focal_levels", "model.focal_windows") if k in fields]
+  for key in stages:
+    fc.integers(fields[key], src, key, lo=0 if key != "model.focal_windows" else 1, hi=256, max_len=16)
+  if len({len(fields[k]) for k in stages}) > 1:
+    lengths = ", ".join(f"{k} {len(fields[k])}" for k in stages)
+    raise BadFileError(src, f"the stage lists differ in length ({lengths}); each needs one value per stage")
+  if "image_size" in fields and fields["image_size"] % 32:
+    raise BadFileError(src, f"image_size is {fields['image_size']}, expected a multiple of 32")
+  frames, tubelet = fields.get("model.num_frames"), fields.get("model.tubelet_size")
+  if frames and tubelet and frames % tubelet:
+    raise BadFileError(src, f"model.num_frames={frames} is not divisible by model.tubelet_size={tubelet}")
 
 
 def _tuples(value: Any) -> Any:

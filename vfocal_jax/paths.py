@@ -64,7 +64,10 @@ def write_text(path: PathLike, text: str) -> str:
 
 
 def read_json(path: PathLike) -> Any:
-  return json.loads(read_text(path))
+  """The JSON value of a file; a damaged one (empty, truncated, binary, too deep) is a ``BadFileError`` naming it."""
+  from vfocal_jax import file_checks  # pylint: disable=import-outside-toplevel
+  target = resolve(path)
+  return file_checks.parse_json(target.read_bytes(), os.fspath(target))
 
 
 def write_json(path: PathLike, value: Any) -> str:

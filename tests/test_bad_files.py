@@ -1,0 +1,152 @@
+"""Damaged model cards: every one refused with one line naming the file and the field, never used silently.
+
+Generated from a good card: truncations, binary garbage, other encodings, wrong
+top-level types, every known field given each wrong type and out-of-range
+values, lists of the wrong length, class names that do not fit the head, and
+deep nesting. Each goes through the real reader; two go through the command.
+"""
+import json
+import os
+import pathlib
+import random
+import subprocess
+import sys
+
+import pytest
+
+from vfocal_jax import model_card, paths
+from vfocal_jax.file_checks import BadFileError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+GOOD = {
+    "format": model_card.FORMAT,
+    "class_names": [f"class {i}" for i in range(8)],
+    "provenance": {"source": "test"},
+    "fields": {
+        "data.eval_clip_offsets": "uniform", "data.eval_resize_ratio": 1.1428571428571428,
+        "data.frame_interval": 1, "data.mean": [123.675, 116.28, 103.53], "data.sampling": "segment",
+        "data.std": [58.395, 57.12, 57.375], "image_size": 64, "model.depths": [1, 1, 2, 1],
+        "model.design": "parallel", "model.embed_dim": 24, "model.focal_levels": [2, 2, 2, 2],
+        "model.focal_windows": [3, 3, 3, 3], "model.layerscale_value": 0.0001, "model.mlp_ratio": 4.0,
+        "model.normalize_modulator": False, "model.num_classes": 8, "model.num_frames": 8, "model.patch_size": 4,
+        "model.temporal_conv": "dense", "model.tubelet_size": 2, "model.use_conv_embed": False,
+        "model.use_layerscale": False, "model.use_postln": False, "model.use_postln_in_modulation": False,
+        "model.variant": "custom", "num_frames": 8, "test_num_clips": 1, "test_num_crops": 1,
+    },
+}
+
+# Values no known field accepts, whatever its type (a string where a number is due, and so on).
+WRONG_FOR = {
+    int: ["8", 8.5, True, None, [8], {"v": 8}, -1, 2 ** 63],
+    float: ["4.0", None, [4.0], {"v": 1}, True, -4.0, 0.0, 1e300],
+    bool: ["false", 0, None, [False]],
+    str: [3, None, ["parallel"], "Parallel", ""],
+    list: ["1,1,2,1", 5, None, [], [1, 2], [1.5, 1, 2, 1], [-1, 1, 2, 1], [[1], 1, 2, 1]],
+}
+SKIP = {"model.variant", "model.layerscale_value"}  # Free-form / any number: checked separately.
+
+
+def _field_cases():
+  for key, good in GOOD["fields"].items():
+    if key in SKIP:
+      continue
+    for bad in WRONG_FOR[type(good)]:
+      if key in ("data.mean",) and bad in ([-1, 1, 2, 1], [1.5, 1, 2, 1], [[1], 1, 2, 1]):
+        bad = [1.0]  # Lists of numbers: the wrong length is what is wrong here.
+      if key == "data.mean" and bad in ([],):
+        continue
+      if key == "data.std" and bad in ([-1, 1, 2, 1], [1.5, 1, 2, 1]):
+        bad = [58.0, -1.0, 57.0]
+      yield f"{key}={json.dumps(bad)[:30]}", key, bad
+
+
+def _write(tmp_path, name, data):
+  d = tmp_path / name.replace("/", "_").replace(" ", "_")[:60]
+  d.mkdir(parents=True, exist_ok=True)
+  path = d / model_card.CARD_FILE
+  path.write_bytes(data if isinstance(data, bytes) else json.dumps(data).encode())
+  return path
+
+
+def _read(path):
+  return model_card.read_card(path.parent)
+
+
+def _refused(path, *words):
+  with pytest.raises(BadFileError) as e:
+    _read(path)
+  message = str(e.value)
+  assert message.startswith(f"{path}: ") and "\n" not in message, message
+  for w in words:
+    assert w in message, message
+  return message
+
+
+def test_the_good_card_reads():
+  card = model_card.ModelCard.from_json(GOOD, source="good")
+  assert card.num_classes == 8 and card.fields["data.mean"] == (123.675, 116.28, 103.53)
+
+
+@pytest.mark.parametrize("label,key,bad", list(_field_cases()), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_field_with_a_wrong_value_is_refused_naming_it(tmp_path, label, key, bad):
+  card = json.loads(json.dumps(GOOD))
+  card["fields"][key] = bad
+  _refused(_write(tmp_path, label, card), key)
+
+
+def test_values_that_disagree_are_refused(tmp_path):
+  def variant(**fields):
+    card = json.loads(json.dumps(GOOD))
+    card["fields"].update(fields)
+    return card
+  _refused(_write(tmp_path, "names", dict(GOOD, class_names=["a", "b", "c"])), "class_names has 3 names",
+           "num_classes=8")
+  _refused(_write(tmp_path, "names_type", dict(GOOD, class_names=[1] * 8)), "class_names[0]")
+  _refused(_write(tmp_path, "stages", variant(**{"model.focal_levels": [2, 2, 2]})), "differ in length")
+  _refused(_write(tmp_path, "size", variant(image_size=100)), "multiple of 32")
+  _refused(_write(tmp_path, "tubelet", variant(**{"model.num_frames": 7})), "not divisible")
+  _refused(_write(tmp_path, "format", dict(GOOD, format="other/1")), "not a vfocal_jax.model_card/1 card")
+  _refused(_write(tmp_path, "provenance", dict(GOOD, provenance=[1])), "provenance")
+
+
+def test_damaged_bytes_are_refused_naming_the_file(tmp_path):
+  good = json.dumps(GOOD, indent=1).encode()
+  cases = {"empty": b"", "spaces": b"  \n", "nul": b"\x00" * 16, "latin1": json.dumps(GOOD).encode().replace(
+      b"class 1", "clåss".encode("latin-1")), "nan": good.replace(b"4.0", b"NaN"),
+           "deep": b"[" * 100_000 + b"]" * 100_000, "deep_field": good.replace(b'"test"', b"[" * 200 + b"]" * 200)}
+  rng = random.Random(0)
+  for i in range(6):
+    cases[f"garbage{i}"] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400)))
+  for i in range(1, 12):  # Truncated anywhere.
+    cases[f"cut{i}"] = good[:len(good) * i // 12]
+  for kind in ([1, 2], "card", 3, None, True):
+    cases[f"top_{type(kind).__name__}"] = json.dumps(kind).encode()
+  for name, data in cases.items():
+    _refused(_write(tmp_path, name, data))
+
+
+def test_reading_json_names_the_file_for_any_reader(tmp_path):
+  path = tmp_path / "dataset_info.json"
+  path.write_text('{"num_examples": 3,')
+  with pytest.raises(BadFileError, match=f"^{path}: not valid JSON .* line 1 column 20"):
+    paths.read_json(path)
+
+
+@pytest.mark.parametrize("damage,expected", [
+    (b'{"format": "vfocal_jax.model_card/1", "fields": {"data.mean": [1.0]}}', "data.mean has 1 value, expected 3"),
+    (b"[1, 2]", "the file is a list, expected a JSON object"),
+])
+def test_the_command_prints_one_line_and_exits_2(tmp_path, damage, expected):
+  (tmp_path / "ckpt" / "params").mkdir(parents=True)
+  card = tmp_path / "ckpt" / model_card.CARD_FILE
+  card.write_bytes(damage)
+  video = tmp_path / "clip.mp4"
+  video.write_bytes(b"")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  run = subprocess.run([sys.executable, str(ROOT / "main.py"), "predict", f"--checkpoint={tmp_path / 'ckpt'}",
+                        f"--video={video}"], capture_output=True, text=True, env=env, timeout=300)
+  errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+  assert run.returncode == 2, run.stderr[-2000:]
+  assert errors == [f"error: {card}: {expected}  (--traceback shows where)"], run.stderr[-2000:]
+  assert "Traceback" not in run.stderr
