@@ -305,7 +305,7 @@ def _zeros(specs: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
 # Bytes read for one training clip when the config names no shards: one whole record (segment sampling
 # parses every stored frame) of a 10-s, 30-fps, 256-px video, as make_shards stores it with every frame
 # (frames_per_video=0) and with --frames_per_video=32 (docs/data.md).
-REFERENCE_RECORD_BYTES = ((0, 7.5e6), (32, 0.8e6))
+REFERENCE_RECORD_BYTES = ((0, 7.81e6), (32, 0.83e6))
 
 
 def shard_bytes_per_clip(config: ml_collections.ConfigDict) -> tuple[float | None, str]:
