@@ -25,6 +25,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -157,43 +158,64 @@ def _committed_steps(gcs, workdir):
                 if u.endswith("/commit_success.txt") and u.split("/")[-2].isdigit())
 
 
+LOGGED = r"step (\d+)/\d+: loss ([0-9.]+)"
+LOG_EVERY = 10
+
+
 def test_train_killed_and_resumed_in_the_bucket(gcs, shards):
   workdir = f"{B}/run"
   args = ["main.py", "train", *TINY, f"--workdir={workdir}", f"--config.data.train_shards={B}/data/train",
           f"--config.data.eval_shards={B}/data/val", f"--config.num_train_steps={TRAIN_STEPS}",
-          f"--config.checkpoint_every_steps={CHECKPOINT_EVERY}", "--config.log_every_steps=10",
+          f"--config.checkpoint_every_steps={CHECKPOINT_EVERY}", f"--config.log_every_steps={LOG_EVERY}",
           "--config.keep_checkpoints=2"]
   cmd = [sys.executable, *args]
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=python_env(gcs, ENV), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=python_env(gcs, ENV), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, stdin=subprocess.DEVNULL)
+  lines = []
+  reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+  reader.start()
+  # Killed once a step after the last committed checkpoint has been logged, so that the resumed run logs
+  # some of the same steps. Checked with the process stopped (SIGSTOP): nothing commits or logs meanwhile.
   deadline = time.monotonic() + 600
   try:
-    while not _committed_steps(gcs, workdir):
+    while True:
       if proc.poll() is not None or time.monotonic() > deadline:
         proc.kill()
-        out, err = proc.communicate()
-        raise AssertionError("no checkpoint was committed before the run "
+        proc.wait()
+        reader.join(10)
+        raise AssertionError("the run was not killed after a checkpoint and a later logged step: it "
                              f"{'ended' if proc.returncode is not None else 'timed out'}:\n"
-                             + describe(cmd, proc.returncode, out, err, gcs))
+                             + describe(cmd, proc.returncode, "", "".join(lines), gcs))
+      if _committed_steps(gcs, workdir):
+        os.kill(proc.pid, signal.SIGSTOP)
+        time.sleep(0.5)    # the reader drains what was written before the stop, the server what was sent
+        committed = _committed_steps(gcs, workdir)
+        if [s for s in re.findall(LOGGED, "".join(lines)) if int(s[0]) > max(committed)]:
+          break
+        os.kill(proc.pid, signal.SIGCONT)
       time.sleep(0.1)
-    assert proc.poll() is None, "the run finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)     # no SIGTERM handler runs: a hard preemption
   finally:
-    out, err = proc.communicate()
+    proc.wait()
+    reader.join(10)
+  err = "".join(lines)
   assert proc.returncode == -signal.SIGKILL
   killed_at = _committed_steps(gcs, workdir)
-  assert killed_at and max(killed_at) < TRAIN_STEPS
+  assert killed_at == committed and max(killed_at) < TRAIN_STEPS
   assert not gcs.exists(f"{workdir}/eval_results.json")
 
   # The same command again: resumes from the bucket, finishes, evaluates.
   second = run_python(gcs, args, timeout=600, extra_env=ENV)
   log = second.stderr
-  assert f"Resuming at step {max(killed_at)}" in log, describe(cmd, 0, second.stdout, log, gcs)
+  resumed = max(killed_at)
+  assert f"Resuming at step {resumed}" in log, describe(cmd, 0, second.stdout, log, gcs)
   # Same data order and rng after the restore (model, optimizer and iterator state from the bucket):
   # the steps both runs logged have the same loss.
-  losses = [dict(re.findall(r"step (\d+)/\d+: loss ([0-9.]+)", text)) for text in (err, log)]
-  common = sorted(set(losses[0]) & set(losses[1]), key=int)
-  assert all(losses[0][s] == losses[1][s] for s in common), (losses, killed_at)
+  losses = [{int(s): loss for s, loss in re.findall(LOGGED, text)} for text in (err, log)]
+  assert sorted(losses[1]) == list(range(resumed // LOG_EVERY * LOG_EVERY + LOG_EVERY, TRAIN_STEPS + 1, LOG_EVERY))
+  common = sorted(set(losses[0]) & set(losses[1]))
+  assert common and common[0] == min(losses[1]), (losses, killed_at)
+  assert [losses[0][s] for s in common] == [losses[1][s] for s in common], (losses, killed_at)
   results = json.loads(gcs.download(f"{workdir}/eval_results.json"))
   assert results["step"] == TRAIN_STEPS and results["num_videos"] == NUM_CLASSES
   config = json.loads(gcs.download(f"{workdir}/config.json"))
@@ -208,7 +230,8 @@ def test_train_killed_and_resumed_in_the_bucket(gcs, shards):
 
 
 def _torch_checkpoint(path):
-  """A tiny Video-FocalNet of the TINY architecture in the official key layout, as the released files."""
+  """A tiny Video-FocalNet of the TINY architecture in the official key layout, as the released files;
+  returns the PyTorch model."""
   sys.path.insert(0, ROOT)
   import torch  # pylint: disable=import-outside-toplevel
   from benchmarks import torch_video_focalnet as tvf
@@ -217,17 +240,50 @@ def _torch_checkpoint(path):
                             num_classes=NUM_CLASSES)
   model = tvf.randomize_(model, seed=0).eval()
   torch.save({"model": model.state_dict(), "epoch": 1}, path)
+  return model
+
+
+# The converted checkpoint read back from the bucket: its weights in the official layout, and its float32 logits.
+CONVERTED_SCRIPT = r"""
+import sys
+import jax.numpy as jnp
+import numpy as np
+from vfocal_jax import artifacts
+from vfocal_jax.configs import demo
+from vfocal_jax.convert.mapping import flax_to_torch_state_dict
+checkpoint, video, out = sys.argv[1:4]
+loaded = artifacts.load(demo.get_config(), checkpoint=checkpoint)
+model = loaded.model.clone(dtype=jnp.float32)
+logits = model.apply({"params": loaded.params}, np.load(video), train=False)
+weights = flax_to_torch_state_dict({"params": loaded.params}, model)
+np.savez(out, logits=np.asarray(logits), **{"weight:" + k: v for k, v in weights.items()})
+"""
 
 
 def test_convert_eval_and_predict_from_the_bucket(gcs, shards, raw, tmp_path):
+  import torch  # pylint: disable=import-outside-toplevel
   pth = tmp_path / "tiny.pth"
-  _torch_checkpoint(pth)
+  source = _torch_checkpoint(pth)
   gcs.upload_file(pth, f"{B}/released/tiny.pth")
   converted = f"{B}/converted/tiny"
   _cli(gcs, "convert", *TINY, f"--pth={B}/released/tiny.pth", f"--output_dir={converted}",
        f"--labels={B}/data/train/labels.txt")
   listing = gcs.list(f"{converted}/")
   assert f"{converted}/model_card.json" in listing and any(u.startswith(f"{converted}/params/") for u in listing)
+  # What was converted is the source: every weight bit for bit, and the logits of PyTorch's forward.
+  video = np.random.default_rng(0).normal(size=(2, 4, 32, 32, 3)).astype(np.float32)
+  np.save(tmp_path / "video.npy", video)
+  run_python(gcs, ["-c", CONVERTED_SCRIPT, converted, str(tmp_path / "video.npy"), str(tmp_path / "out.npz")],
+             timeout=600, extra_env=ENV)
+  got = np.load(tmp_path / "out.npz")
+  state = source.state_dict()
+  assert {k[len("weight:"):] for k in got.files if k.startswith("weight:")} == set(state)
+  for key, value in state.items():
+    np.testing.assert_array_equal(got["weight:" + key], value.numpy(), err_msg=key)
+  with torch.no_grad():
+    expected = source(torch.from_numpy(video).permute(0, 1, 4, 2, 3)).numpy()
+  assert np.abs(expected).max() > 0.1
+  np.testing.assert_allclose(got["logits"], expected, rtol=0, atol=5e-5)
 
   _cli(gcs, "eval", *TINY, f"--checkpoint={converted}", f"--config.data.eval_shards={B}/data/val",
        f"--workdir={B}/eval_converted")
