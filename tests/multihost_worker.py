@@ -3,18 +3,16 @@
     python tests/multihost_worker.py --num_processes=2 --process_id=0 --port=12345 --out=/tmp/p0.json
     python tests/multihost_worker.py --workdir=/tmp/run --steps=100000      # the whole loop (train_and_evaluate)
     python tests/multihost_worker.py --workdir=/tmp/run --shards=/tmp/ids --steps=5 --out=/tmp/p{process}.json \
-        --num_processes=2 --process_id=0 --port=12345 --devices_per_process=4 --mesh=4,2
+        --num_classes=16 --num_processes=2 --process_id=0 --port=12345 --devices_per_process=4 --mesh=4,2
 
 Each process feeds its own rows of every global batch (rows are split in
 process order), as the input pipeline does on a multi-host run. With
 ``--workdir`` the process runs ``train.train_and_evaluate`` as the command
 line does (exits with ``preemption.EXIT_PREEMPTED`` on SIGTERM), on the
-deterministic stream and one synthetic eval batch; with ``--shards`` too, on
-the real input pipeline over those shards (labels are ids:
-``--num_classes`` of them), and ``--out`` (``{process}`` is replaced) gets
-what the process restored and the labels of every batch it read
-(``--restore_only``: restore as the loop does and read one batch, no
-training).
+deterministic stream and one synthetic eval batch. With ``--shards`` too it
+resumes the workdir (or starts it) on the real input pipeline over those
+shards (labels are ids: ``--num_classes`` of them) and trains up to
+``--steps`` (``resume_main``).
 """
 from __future__ import annotations
 
@@ -177,7 +175,6 @@ def main():
   parser.add_argument("--checkpoint_every", type=int, default=3)
   parser.add_argument("--shards", help="with --workdir: the input pipeline on these shards")
   parser.add_argument("--num_classes", type=int, default=NUM_CLASSES)
-  parser.add_argument("--restore_only", action="store_true")
   args = parser.parse_args()
 
   import jax
@@ -230,44 +227,59 @@ def train_main(args):
   from vfocal_jax import train
   logging.set_verbosity(logging.INFO)
   logging.use_absl_handler()
-  use_synthetic_eval()
-  fields = dict(mesh_shape=tuple(int(x) for x in args.mesh.split(",")), num_train_steps=args.steps,
-                log_every_steps=args.log_every, checkpoint_every_steps=args.checkpoint_every,
-                async_checkpointing=True)
-  if not args.shards:
-    config = tiny_config(**fields)
-    train.train_and_evaluate(config, args.workdir, train_iter=StreamIterator(config), steps_per_epoch=100)
+  if args.shards:
+    resume_main(args)
     return
+  use_synthetic_eval()
+  config = tiny_config(mesh_shape=tuple(int(x) for x in args.mesh.split(",")), num_train_steps=args.steps,
+                       log_every_steps=args.log_every, checkpoint_every_steps=args.checkpoint_every,
+                       async_checkpointing=True)
+  train.train_and_evaluate(config, args.workdir, train_iter=StreamIterator(config), steps_per_epoch=100)
+
+
+def resume_main(args):
+  """Resumes ``args.workdir`` as the loop does (or starts it), trains up to ``--steps`` and checkpoints there.
+
+  The loop's own calls (``checkpoints.restore_latest`` with the trainer's
+  target and the pipeline's iterator, the train step, ``checkpoints.save``),
+  with both programs compiled before the processes meet at a barrier (see
+  ``run_steps``). Already at ``--steps``: reads one batch instead. ``--out``
+  gets the restored step, the labels of every batch read and (``params.npz``,
+  process 0) the restored parameters.
+  """
   import jax
   import numpy as np
   from flax import traverse_util
-  from vfocal_jax import checkpoints, sharding
-  config = shards_config(args, **fields)
+  from vfocal_jax import checkpoints, sharding, train
+  config = shards_config(args, mesh_shape=tuple(int(x) for x in args.mesh.split(",")))
+  trainer = train.Trainer(config, steps_per_epoch=100)
   train_iter = RecordingIterator(train.create_train_iterator(config))
-  restored = {}
-  restore_latest = checkpoints.restore_latest
-
-  def recording_restore(*a, **k):  # What the loop restores, read before the train step donates it.
-    state = restore_latest(*a, **k)
-    if state is not None:
-      restored["step"] = int(sharding.to_host(state.step))
-      restored["params"] = traverse_util.flatten_dict(sharding.to_host(state.params), sep="/")
-    return state
-
-  checkpoints.restore_latest = recording_restore
-  if args.restore_only:
-    trainer = train.Trainer(config, steps_per_epoch=100)
-    manager = checkpoints.create_manager(args.workdir, async_save=False)
-    checkpoints.restore_latest(manager, trainer.abstract_target(), train_iter)
-    manager.close()
+  manager = checkpoints.create_manager(args.workdir, async_save=False)
+  state = checkpoints.restore_latest(manager, trainer.abstract_target(), train_iter)
+  out = {"process_index": jax.process_index(), "process_count": jax.process_count(),
+         "device_count": jax.device_count(), "restored_step": None}
+  if state is not None:
+    out["restored_step"] = int(sharding.to_host(state.step))
+    params = traverse_util.flatten_dict(sharding.to_host(state.params), sep="/")
+    if jax.process_index() == 0:
+      np.savez(args.out.format(process="params") + ".npz", **params)
+  start = out["restored_step"] or 0
+  if start >= args.steps:
     next(train_iter)
   else:
-    train.train_and_evaluate(config, args.workdir, train_iter=train_iter, steps_per_epoch=100,
-                             exit_on_preemption=False)
-  out = {"process_index": jax.process_index(), "process_count": jax.process_count(),
-         "device_count": jax.device_count(), "labels": train_iter.labels, "restored_step": restored.get("step")}
-  if "params" in restored and jax.process_index() == 0:
-    np.savez(args.out.format(process="params") + ".npz", **restored["params"])
+    key = jax.random.PRNGKey(config.seed)
+    init = jax.jit(trainer._init, out_shardings=trainer.state_sharding).lower(key).compile()  # pylint: disable=protected-access
+    batches = [trainer.put_batch(next(train_iter)) for _ in range(start, args.steps)]
+    with trainer.mesh:
+      step = trainer.train_step.lower(trainer.abstract_target(), batches[0]).compile()
+      _barrier("resume_main_compiled")
+      state = init(key) if state is None else state
+      for batch in batches:
+        state, _ = step(state, batch)
+    checkpoints.save(manager, args.steps, state, train_iter, force=True)
+    checkpoints.wait_until_finished(manager, args.steps)
+  manager.close()
+  out["labels"] = train_iter.labels
   with open(args.out.format(process=jax.process_index()), "w") as f:
     json.dump(out, f)
 
