@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import torch_video_focalnet as tvf  # noqa: E402
 from multihost_worker import NUM_CLASSES, global_batch, tiny_config  # noqa: E402
-from vfocal_jax import artifacts, train  # noqa: E402
+from vfocal_jax import artifacts, sharding, train  # noqa: E402
 from vfocal_jax.convert.mapping import flax_to_torch_state_dict, torch_to_flax  # noqa: E402
 
 ARCH = dict(embed_dim=8, depths=(1, 1), focal_levels=(1, 1), num_classes=NUM_CLASSES)
@@ -50,18 +50,23 @@ def _normalised(batch):
 
 
 def _reference(torch_model, batch, mix, smoothing):
-  """Loss, top-1 and gradients (torch layout) of the batch blended as ``mix`` says, float64."""
+  """Loss, top-1 and gradients (torch layout) of the batch blended as ``mix`` says, float64.
+
+  ``mix`` covers S data shards of B/S consecutive rows, each with its own ``lam``, kind and box.
+  """
   x = _normalised(batch)
-  lam, perm = float(mix.lam[0]), np.asarray(mix.perm)
-  if bool(mix.cutmix[0]):
-    box = np.asarray(mix.box_mask[0])[None, None, :, :, None]
-    np.testing.assert_allclose(lam, 1 - box.mean(), rtol=1e-6)  # lam is the box's true area.
-    blended = np.where(box, x[perm], x)
-  else:
-    blended = lam * x + (1 - lam) * x[perm]
+  perm = np.asarray(mix.perm)
+  rows = len(x) // len(mix.lam)  # Rows of one shard.
+  lam = np.repeat(np.asarray(mix.lam, np.float64), rows)
+  cutmix = np.repeat(np.asarray(mix.cutmix), rows)
+  box = np.repeat(np.asarray(mix.box_mask), rows, axis=0)[:, None, :, :, None]
+  assert all(i // rows == j // rows for i, j in enumerate(perm))  # Partners from the same shard.
+  np.testing.assert_allclose(lam[cutmix], 1 - box[cutmix].mean((1, 2, 3, 4)), rtol=1e-6)  # The box's true area.
+  per_row = lambda v: v[:, None, None, None, None]
+  blended = np.where(per_row(cutmix), np.where(box, x[perm], x), per_row(lam) * x + per_row(1 - lam) * x[perm])
   one_hot = np.eye(NUM_CLASSES)[batch["label"]]
   soft = one_hot * (1 - smoothing) + smoothing / NUM_CLASSES
-  targets = lam * soft + (1 - lam) * soft[perm]
+  targets = lam[:, None] * soft + (1 - lam[:, None]) * soft[perm]
 
   torch_model.zero_grad()
   logits = torch_model(torch.from_numpy(blended).permute(0, 1, 4, 2, 3))
@@ -126,3 +131,19 @@ def test_smoothing_off_matches_the_formula_without_it(models):
   torch_model, model, params = models
   (batch, got), = _draws(_config(0.0), model, params, ("mixup",)).values()
   _check(torch_model, model, batch, got, 0.0)
+
+
+def test_mixing_per_data_shard_matches_torch(models):
+  """On a (2, 1) mesh each data shard of 4 clips draws its own mixing (mixup.mix_per_shard): still the same loss."""
+  torch_model, model, params = models
+  config = _config(0.1)
+  mesh = sharding.create_mesh((2, 1), jax.devices()[:2])
+  rows, replicated = jax.NamedSharding(mesh, jax.P(sharding.DATA)), jax.NamedSharding(mesh, jax.P())
+  step = jax.jit(lambda p, b, rng: train.loss_and_grads(model, p, b["video"], b["pixel_affine"], b["label"], rng,
+                                                         config, NUM_CLASSES, mesh=mesh, batch_spec=(sharding.DATA,)),
+                 in_shardings=(replicated, rows, replicated))
+  batch = global_batch(0, config)
+  with mesh:
+    loss, top1, grads, mix = jax.device_get(step(params, batch, jax.random.PRNGKey(3)))
+  assert len(mix.lam) == 2 and mix.lam[0] != mix.lam[1]
+  _check(torch_model, model, batch, (float(loss), float(top1), grads, mix), 0.1)
