@@ -116,9 +116,15 @@ def _check(torch_model, model, batch, got, smoothing):
   return ref_grads
 
 
-def test_loss_and_gradients_with_mixup_cutmix_and_smoothing_match_torch(models):
-  torch_model, model, params = models
-  for kind, (batch, got) in _draws(_config(0.1), model, params, ("mixup", "cutmix")).items():
+@pytest.fixture(scope="module")
+def smoothed(models):
+  _, model, params = models
+  return _draws(_config(0.1), model, params, ("mixup", "cutmix"))
+
+
+def test_loss_and_gradients_with_mixup_cutmix_and_smoothing_match_torch(models, smoothed):
+  torch_model, model, _ = models
+  for kind, (batch, got) in smoothed.items():
     ref_grads = _check(torch_model, model, batch, got, 0.1)
     # The check can tell smoothing from none: without it the reference gradients move by far more than the
     # tolerance. (The loss moves less: for a random model the target's log-probability is about the mean one.)
@@ -127,10 +133,17 @@ def test_loss_and_gradients_with_mixup_cutmix_and_smoothing_match_torch(models):
     assert moved > 100 * GRAD_TOL, (kind, moved)
 
 
-def test_smoothing_off_matches_the_formula_without_it(models):
+def test_smoothing_off_matches_the_formula_without_it(models, smoothed):
   torch_model, model, params = models
   (batch, got), = _draws(_config(0.0), model, params, ("mixup",)).values()
   _check(torch_model, model, batch, got, 0.0)
+  # The same batch and mixing as the smoothed step's (the mixing key does not depend on the smoothing): the two
+  # steps' gradients differ.
+  smoothed_batch, smoothed_got = smoothed["mixup"]
+  np.testing.assert_array_equal(batch["video"], smoothed_batch["video"])
+  assert got[3].lam == smoothed_got[3].lam and (got[3].perm == smoothed_got[3].perm).all()
+  g, g_smoothed = got[2]["head"]["kernel"], smoothed_got[2]["head"]["kernel"]
+  assert np.abs(g - g_smoothed).max() > 100 * GRAD_TOL * np.abs(g_smoothed).max()
 
 
 def test_mixing_per_data_shard_matches_torch(models):
