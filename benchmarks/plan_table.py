@@ -131,6 +131,19 @@ def weak_table(reports: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def _parse(value: str, current):
+  """A ``--set`` value as the type of the field it overrides (a Python literal, else the string)."""
+  try:
+    parsed = ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    parsed = value
+  if isinstance(current, (tuple, list)):
+    return type(current)(parsed)
+  if isinstance(current, float) and isinstance(parsed, int):
+    return float(parsed)
+  return parsed
+
+
 def run_weak(config_name: str, topologies: list[str], clips_per_chip: int, overrides: list[str],
              out_dir: str) -> list[dict]:
   """``plan`` of the train step only, for one config at ``clips_per_chip`` on each topology; one JSON each."""
@@ -145,11 +158,7 @@ def run_weak(config_name: str, topologies: list[str], clips_per_chip: int, overr
       node = config
       for p in parents:
         node = node[p]
-      current = node[leaf]
-      if isinstance(current, (tuple, list)):
-        node[leaf] = type(current)(ast.literal_eval(value))
-      else:
-        node[leaf] = value == "True" if isinstance(current, bool) else value if current is None else type(current)(value)
+      node[leaf] = _parse(value, node[leaf])
     devices = plan.target_devices(topology)
     chips, _ = plan.tpu_specs.chip_layout(devices)
     config.batch_size = clips_per_chip * chips // max(int(config.accumulation_steps), 1)
