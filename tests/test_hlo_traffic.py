@@ -36,9 +36,13 @@ MODULE = """HloModule jit_train_step, entry_computation_layout={...}
 ENTRY %main.9_spmd (param.1: f32[3,100], param.2: bf16[2,7,5]) -> f32[8,128] {
   %param.1 = f32[3,100]{1,0:T(8,128)} parameter(0)
   %param.2 = bf16[2,7,5]{2,1,0:T(8,128)(2,1)S(1)} parameter(1)
+  %big = f32[64,128]{1,0:T(8,128)} parameter(2)
   %fusion.1 = f32[8,128]{1,0:T(8,128)} fusion(%param.1), kind=kLoop, calls=%fused_computation.1, metadata={op_name="jit(train_step)/transpose(jvp(VideoFocalNet))/layers_0/blocks_1/modulation/modulation._temporal/f_temporal/conv"}, backend_config={"estimated_cycles":"40"}
   %copy-start.1 = (f32[3,100]{1,0:T(8,128)S(1)}, f32[3,100]{1,0:T(8,128)}, u32[]) copy-start(%param.1)
   %copy-done.1 = f32[3,100]{1,0:T(8,128)S(1)} copy-done(%copy-start.1)
+  %slice-start.1 = ((f32[64,128]{1,0:T(8,128)}), f32[8,128]{1,0:T(8,128)}, s32[]) slice-start(%big), slice={[0:8], [0:128]}
+  %slice-done.1 = f32[8,128]{1,0:T(8,128)} slice-done(%slice-start.1)
+  %custom-call.1 = f32[64,128]{1,0:T(8,128)} custom-call(%big), custom_call_target="ConcatBitcast"
   %all-reduce.1 = bf16[2,7,5]{2,1,0:T(8,128)(2,1)S(1)} all-reduce(%param.2), replica_groups={}, to_apply=%add, metadata={op_name="jit(train_step)/reduce_sum"}, backend_config={"estimated_cycles":"10"}
   %init = (s32[], f32[16,128]{1,0}) tuple(%param.1, %fusion.1)
   %while.1 = (s32[], f32[16,128]{1,0}) while(%init), condition=%cond.3, body=%body.2, backend_config={"known_trip_count":{"n":"3"}}
@@ -64,8 +68,9 @@ def test_bytes_count_operands_and_results_with_tiles_padded():
   assert ops["copy-start.1"].hbm_bytes == PARAM_1 and ops["copy-start.1"].on_chip_bytes == PARAM_1
   assert ops["all-reduce.1"].on_chip_bytes == 2 * PARAM_2 and ops["all-reduce.1"].hbm_bytes == 0
   assert ops["out"].hbm_bytes == 3 * F32_TILE
+  assert ops["slice-start.1"].hbm_bytes == 2 * F32_TILE  # Reads and writes the slice, not all of %big.
   # Free ops (parameters, tuples, constants, the -done half of an async pair) move nothing.
-  assert not {"param.1", "init", "copy-done.1", "sel", "small", "x", "t"} & set(ops)
+  assert not {"param.1", "init", "copy-done.1", "slice-done.1", "custom-call.1", "sel", "small", "x", "t"} & set(ops)
 
 
 def test_loops_count_their_trips_and_branches_their_mean():

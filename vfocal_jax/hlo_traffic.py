@@ -32,6 +32,9 @@ _BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "f
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
          "replica-id", "opt-barrier", "add-dependency"}
 _CONTROL = {"while", "conditional", "call"}
+# Custom calls of the TPU compiler that only name or alias buffers.
+_FREE_CUSTOM_CALLS = {"AllocateBuffer", "ConcatBitcast", "AssumeGatherIndicesInBound"}
+_SLICES = {"slice-start", "dynamic-slice-start"}
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all",
                "collective-broadcast", "ragged-all-to-all")
 
@@ -147,6 +150,26 @@ def parse_module(text: str) -> tuple[dict[str, list[_Instr]], str]:
   return comps, entry
 
 
+def _tuple_elements(type_text: str) -> list[str]:
+  """The top-level elements of a tuple type ``(a, (b, c), d)``; a non-tuple is its own one element."""
+  text = type_text.strip()
+  if not text.startswith("("):
+    return [text]
+  out, depth, start = [], 0, 1
+  for i, ch in enumerate(text):
+    if ch in "({[":
+      depth += 1
+    elif ch in ")}]":
+      depth -= 1
+      if depth == 0:
+        out.append(text[start:i])
+        break
+    elif ch == "," and depth == 1:
+      out.append(text[start:i])
+      start = i + 1
+  return [e.strip() for e in out if e.strip()]
+
+
 def _called(attrs: str, key: str) -> list[str]:
   m = re.search(key + r"=\{([^}]*)\}", attrs) or re.search(key + r"=(%[\w.\-]+)", attrs)
   return re.findall(r"%[\w.\-]+", m.group(1)) if m else []
@@ -176,14 +199,21 @@ def ops_of_module(text: str) -> list[Op]:
           for f in _called(ins.attrs, "to_apply"):
             visit(f, weight)
         continue
+      target = re.search(r'custom_call_target="([^"]*)"', ins.attrs)
+      if ins.opcode == "custom-call" and target and target.group(1) in _FREE_CUSTOM_CALLS:
+        continue
+      operand_types = [types.get(operand, "") for operand in ins.operands]
       result = ins.type_text
-      if ins.opcode.endswith("-start"):  # (destination, source, context...): count what lands.
-        result = ins.type_text  # Operands are read once and the destination written once.
-        first = re.match(r"\(\s*(\w+\[[0-9,]*\](?:\{[^}]*\})?)", ins.type_text)
-        result = first.group(1) if first else ins.type_text
+      if ins.opcode.endswith("-start"):
+        # Async pairs: copy-start is (destination, source, context); the others wrap their
+        # operands, (operands, result, context), or are (operand, result).
+        parts = _tuple_elements(ins.type_text)
+        result = parts[0] if ins.opcode == "copy-start" else parts[min(1, len(parts) - 1)]
+        if ins.opcode in _SLICES:  # Reads only the slice it writes.
+          operand_types = [result]
       hbm, chip = array_bytes(result)
-      for operand in ins.operands:
-        h, c = array_bytes(types.get(operand, ""))
+      for operand_type in operand_types:
+        h, c = array_bytes(operand_type)
         hbm, chip = hbm + h, chip + c
       m = _OPNAME.search(ins.attrs)
       op_name = m.group(1) if m else ""
@@ -224,8 +254,8 @@ def part_of(op_name: str, opcode: str = "") -> str:
   Model parts: ``stem``, ``stageI.blockJ.{norm,spatial,temporal,gating,mlp,drop_path,residual}``,
   ``stageI.downsample``, ``head`` (final norm, pooling, classifier), each with ``fwd`` or
   ``bwd``. Step parts (named scopes of the train step): ``mixup``, ``loss``, ``optimizer``,
-  ``metrics``; ``collectives`` for any collective op; ``prefetch`` for the compiler's unnamed copies
-  between memory spaces; ``other`` for what carries no name.
+  ``metrics``; ``collectives`` for any collective op; ``prefetch`` and ``compiler slices`` for the
+  compiler's unnamed copies between memory spaces and async slices; ``other`` for what carries no name.
   """
   if opcode.replace("-start", "") in COLLECTIVES:
     return "collectives"
@@ -245,6 +275,8 @@ def part_of(op_name: str, opcode: str = "") -> str:
     return f"head {direction}"
   if opcode == "copy-start" and not op_name:
     return "prefetch"  # The compiler's own copies between memory spaces (weights, optimizer state).
+  if opcode in _SLICES and not op_name:
+    return "compiler slices"  # Async slices the compiler adds to split a buffer (no name of ours).
   for scope in ("mixup", "loss", "optimizer", "metrics"):
     if f"/{scope}/" in op_name or op_name.endswith(f"/{scope}"):
       return scope
