@@ -20,11 +20,12 @@ def _synthetic_eval(monkeypatch):
 
 
 def _config(**overrides):
-  # The model, mesh and step count of test_train_resume: the same compiled train and eval steps.
-  # Evaluations every half epoch = 2 steps: at steps 2 and 4, not at the last step (the final test follows).
-  # Checkpoints only at evaluations and at the end.
-  return tiny_config(mesh_shape=(4, 2), num_train_steps=6, eval_every_epochs=0.5, checkpoint_every_steps=1000,
-                     keep_checkpoints=1, keep_best_checkpoints=1, **overrides)
+  # A two-stage model on two frames, data-parallel (the cheapest compiles). Evaluations every half epoch =
+  # 2 steps: at steps 2 and 4, not at the last step (the final test follows). Checkpoints only at evaluations
+  # and at the end.
+  return tiny_config(mesh_shape=(8, 1), num_frames=2, num_train_steps=6, eval_every_epochs=0.5,
+                     checkpoint_every_steps=1000, keep_checkpoints=1, keep_best_checkpoints=1,
+                     **{"model.depths": (1, 1), "model.focal_levels": (1, 1)}, **overrides)
 
 
 def _run(config, workdir):
