@@ -1,5 +1,6 @@
 """The synthetic motion dataset: built through the real writer, classes need motion."""
 import numpy as np
+import pytest
 
 from vfocal_jax.data import demo_dataset
 from vfocal_jax import input_pipeline as ip
@@ -57,3 +58,14 @@ def test_oversampled_video_films_the_same_motion_at_a_higher_frame_rate():
     assert fine.shape == (18,) + plain.shape[1:]
     np.testing.assert_array_equal(fine[1::3], plain)
     assert not np.array_equal(fine[0], fine[1])   # a step between plain frames moves
+
+
+def test_prepare_refuses_demo_data_built_with_other_settings(tmp_path):
+  from vfocal_jax.configs import demo
+  (tmp_path / "demo_data").mkdir()
+  (tmp_path / "demo_data" / "DONE").write_text('{"oversample": 4, "frames_per_video": 16}')
+  config = demo.get_config()
+  with pytest.raises(ValueError, match="built with config.demo_dataset .*oversample.*--workdir"):
+    demo_dataset.prepare(config, str(tmp_path))
+  config.demo_dataset.oversample, config.demo_dataset.frames_per_video = 4, 16
+  assert demo_dataset.prepare(config, str(tmp_path)).data.train_shards == str(tmp_path / "demo_data" / "train")
