@@ -109,6 +109,13 @@ def table(reports: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def _size(n: float) -> str:
+  for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+    if n >= scale:
+      return f"{n / scale:.3g} {unit}"
+  return f"{n:g} B"
+
+
 def weak_table(reports: list[dict]) -> str:
   """Markdown weak-scaling table: one line per report (same config, same batch per chip, growing slices)."""
   head = ("| slice | chips | clips / chip | train-step collectives per chip | memory / chip | est. step | "
@@ -121,12 +128,12 @@ def weak_table(reports: list[dict]) -> str:
       lines.append(f"| {r['topology']} | {r['num_chips']} | {s['batch_per_chip']:g} | does not compile: {s['error']} |"
                    " | | | |")
       continue
-    coll = ", ".join(f"{e['kind']} {e['bytes'] / 2 ** 20:.1f} MiB x{e['count']}" for e in s["collectives"] or [])
+    coll = ", ".join(f"{e['kind']} x{e['count']} {_size(e['bytes'])}" for e in s["collectives"] or [])
     t, mem = s["estimated_step_seconds"], s["total_bytes_per_chip"]
     first = first or (t, mem)
     ratio = f"step x{t / first[0]:.3f}, memory x{mem / first[1]:.3f}" if t and first[0] else "-"
     lines.append(f"| {r['topology']} | {r['num_chips']} | {s['batch_per_chip']:g} | {coll or 'none'} | "
-                 f"{mem / 2 ** 30:.2f} GiB | {_f(None if t is None else 1e3 * t, '.1f')} ms | "
+                 f"{_size(mem)} | {_f(None if t is None else 1e3 * t, '.4g')} ms | "
                  f"{_f(s['estimated_clips_per_second_per_chip'], '.1f')} | {ratio} |")
   return "\n".join(lines)
 
