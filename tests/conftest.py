@@ -28,8 +28,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # storage emulator or a compiled reference, are built once) in collection order: the costliest modules go
 # first, so that none of them starts last while the other worker idles (their costs: --durations=0, 2 cores).
 COSTLIEST_FIRST = ("test_cloud_storage.py", "test_model.py", "test_train_resume.py", "test_train_step.py",
-                   "test_train_multihost.py", "test_train_edges.py", "test_artifacts.py", "test_preemption.py",
-                   "test_plan.py", "test_visualize.py")
+                   "test_train_multihost.py", "test_pod_scaling.py", "test_export.py", "test_periodic_eval.py",
+                   "test_train_edges.py", "test_artifacts.py", "test_step_vs_torch.py", "test_preemption.py",
+                   "test_resume_resize.py", "test_plan.py", "test_loss.py", "test_accumulation.py",
+                   "test_temporal_layout.py", "test_visualize.py")
 
 
 def pytest_collection_modifyitems(items):
