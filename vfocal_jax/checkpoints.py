@@ -88,18 +88,18 @@ def restore_data(directory: epath.Path, item: Any, process_index: int, process_c
                              saved_device_count=position.get("device_count"))
   own = directory / _process_file(process_index, process_count)
   if any(p.name == own.name or p.name.startswith(own.name + ".") for p in directory.iterdir()):
-    detail = (item.restore_position(position, exact=True) if hasattr(item, "restore_position")
-              else "the saved state of this host's iterator")  # First: it may rebuild the stream the state fits.
+    if hasattr(item, "restore_position"):  # First: it may rebuild the stream that the state fits.
+      item.restore_position(position, exact=True)
     item.restore(os.fspath(own))
-    return result(True, detail)
+    return result(True, "the saved state of this host's iterator")
   why = (f"no iterator state for process {process_index} of {process_count} "
          f"(saved by {saved_processes or 'an unknown number of'} process(es))")
   if position.get("state_saved") is False:
     why = "the iterator state was not saved (data.checkpoint_iterator=False)"
   if not hasattr(item, "restore_position"):
     return result(None, f"{why}; this iterator cannot move, it starts from the beginning")
-  detail = item.restore_position(position, exact=False)
-  return result(None if detail.startswith("nothing") else False, f"{why}; {detail}")
+  moved, detail = item.restore_position(position, exact=False)
+  return result(False if moved else None, f"{why}; {detail}")
 
 
 class DataIteratorHandler(ocp.CheckpointHandler):

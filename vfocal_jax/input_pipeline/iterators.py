@@ -126,7 +126,7 @@ class TrainIterator:
     return {"examples_consumed": self.examples_consumed, "global_batch": self.global_batch,
             "epoch_size": self.num_examples, "state_saved": self._checkpoint, "skipped_at_start": self._skipped}
 
-  def restore_position(self, position: dict[str, Any], *, exact: bool) -> str:
+  def restore_position(self, position: dict[str, Any], *, exact: bool) -> tuple[bool, str]:
     """Adopts a saved `position()`; `exact`: `restore` follows, else moves the stream near it.
 
     Exact: the stream is rebuilt as the saving iterator's was (with the same
@@ -134,25 +134,27 @@ class TrainIterator:
     its tf.data state fits. Moving: this host skips `records_to_skip(...)` raw
     records of its files (read, not decoded) before the shuffle; the shuffle
     buffer, the file order and the random draws start afresh from the seed.
-    Returns what was done, for the log.
+    Returns whether the stream is at (or near) the saved position, and what
+    was done, for the log.
     """
     consumed = position.get("examples_consumed")
     self.examples_consumed = None if consumed is None else int(consumed)
     if exact:
       self._skip(int(position.get("skipped_at_start") or 0), restart=False)
-      return "the saved state of this host's iterator"
+      return True, "the saved state of this host's iterator"
     if consumed is None:
-      return ("nothing: the checkpoint holds no global count of examples consumed (written before counts "
-              "were); this host reads its files from the start")
+      return False, ("the checkpoint holds no global count of examples consumed (written before counts "
+                     "were); this host reads its files from the start")
     if self._rebuild is None:
-      return "nothing: this iterator cannot skip records; this host reads its files from the start"
+      return False, "this iterator cannot skip records; this host reads its files from the start"
     epoch = self.num_examples or position.get("epoch_size") or None
     skip, in_epoch = records_to_skip(int(consumed), epoch, self.process_index, self.process_count)
     self._skip(in_epoch, restart=True)
     epoch_text = f"{in_epoch} of them in the current epoch of {epoch}" if epoch else "the epoch size is unknown"
-    return (f"{int(consumed)} examples consumed ({epoch_text}): the files are split over {self.process_count} "
-            f"process(es) and this one (process {self.process_index}) skips {skip} raw records of its files "
-            f"before the shuffle; the shuffle buffer and the random draws restart from the seed")
+    detail = (f"{int(consumed)} examples consumed ({epoch_text}): the files are split over {self.process_count} "
+              f"process(es) and this one (process {self.process_index}) skips {skip} raw records of its files "
+              f"before the shuffle; the shuffle buffer and the random draws restart from the seed")
+    return True, detail
 
 
 class EvalIterator:
