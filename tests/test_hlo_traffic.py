@@ -93,6 +93,8 @@ def test_parts_from_name_stacks():
   assert hlo_traffic.part_of("jit(f)/jvp(VideoFocalNet)/layers_2/blocks_3/modulation/mul") == "stage2.block3.gating fwd"
   assert hlo_traffic.part_of("jit(f)/jvp(VideoFocalNet)/head/dot_general") == "head fwd"
   assert hlo_traffic.part_of("jit(f)/mul") == "other"
+  assert hlo_traffic.part_of("jit(train_step)/transpose(jvp(loss))/jit(log_softmax)/div") == "loss"
+  assert hlo_traffic.part_of("jit(train_step)/lossy/mul") == "other"
 
 
 def test_breakdown_parts_add_up_to_the_total():

@@ -113,6 +113,33 @@ def test_report_matches_the_compiled_steps(planned):
   assert f"{rate:.1f} clips/s per chip" in text and "28 vCPUs per chip" in text
 
 
+def test_traffic_breakdown_adds_up_and_names_every_part(planned):
+  report, steps = planned
+  for name, direction in (("train", ("fwd", "bwd")), ("eval", ("fwd",))):
+    t, compiled = report[name]["traffic"], steps[name]["compiled"]
+    per = report[name]["clips_per_chip"]  # One device per chip.
+    # The parts' bytes add up to the program's total, attributed or not.
+    assert sum(r["bytes"] for r in t["by_part"]) == pytest.approx(t["bytes"])
+    assert sum(r["bytes"] for r in t["by_component"]) == pytest.approx(t["bytes"])
+    assert t["unattributed_bytes"] < 0.5 * t["bytes"]
+    # Within a factor of the compiler's own count of bytes accessed (it counts inside fusions too).
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    assert 0.5 < t["bytes"] * per / cost["bytes accessed"] < 1.5
+    parts = {r["name"] for r in t["by_part"]}
+    for d in direction:  # Every part of the model, in every stage, each way.
+      for stage in range(4):
+        for component in ("norm", "spatial", "temporal", "gating", "mlp"):
+          assert f"stage{stage}.block0.{component} {d}" in parts, (name, stage, component, d)
+        if stage < 3:
+          assert f"stage{stage}.downsample {d}" in parts
+      assert f"stem {d}" in parts and f"head {d}" in parts
+    assert t["top_by_bytes"] and t["top_by_cycles"]  # The TPU cost model's cycles are there.
+  train_parts = {r["name"] for r in report["train"]["traffic"]["by_part"]}
+  assert {"input", "mixup", "loss", "optimizer"} <= train_parts  # The train step's named scopes.
+  assert "memory traffic" in plan.format_report(report)
+
+
 def test_input_budget_from_the_shards(tmp_path):
   """Bytes per clip = the train shards' bytes / their records (dataset_info.json); cores and bandwidth per chip."""
   sizes, counts = {"a.tfrecord": 3000, "b.tfrecord": 1000}, {"a.tfrecord": 3, "b.tfrecord": 2}

@@ -253,8 +253,8 @@ def part_of(op_name: str, opcode: str = "") -> str:
 
   Model parts: ``stem``, ``stageI.blockJ.{norm,spatial,temporal,gating,mlp,drop_path,residual}``,
   ``stageI.downsample``, ``head`` (final norm, pooling, classifier), each with ``fwd`` or
-  ``bwd``. Step parts (named scopes of the train step): ``mixup``, ``loss``, ``optimizer``,
-  ``metrics``; ``collectives`` for any collective op; ``prefetch`` and ``compiler slices`` for the
+  ``bwd``. Step parts (named scopes of the train step): ``input`` (normalisation), ``mixup``,
+  ``loss``, ``optimizer``, ``metrics``; ``collectives`` for any collective op; ``prefetch`` and ``compiler slices`` for the
   compiler's unnamed copies between memory spaces and async slices; ``other`` for what carries no name.
   """
   if opcode.replace("-start", "") in COLLECTIVES:
@@ -277,8 +277,9 @@ def part_of(op_name: str, opcode: str = "") -> str:
     return "prefetch"  # The compiler's own copies between memory spaces (weights, optimizer state).
   if opcode in _SLICES and not op_name:
     return "compiler slices"  # Async slices the compiler adds to split a buffer (no name of ours).
-  for scope in ("mixup", "loss", "optimizer", "metrics"):
-    if f"/{scope}/" in op_name or op_name.endswith(f"/{scope}"):
+  for scope in ("input", "mixup", "loss", "optimizer", "metrics"):
+    # A scope appears as '/loss/', or inside a transformation's name: 'jvp(loss)', 'transpose(jvp(loss))'.
+    if re.search(rf"(^|/|\(){scope}(/|\)|$)", op_name):
       return scope
   return "other"
 

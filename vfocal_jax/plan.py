@@ -9,7 +9,8 @@ devices (``jax.experimental.topologies``; needs ``libtpu``, no TPU) and
 compiled by the TPU compiler. Every figure is the compiler's: per-chip memory
 from ``memory_analysis()``, FLOPs and the estimated step time
 (``optimal_seconds``, its cost model) from ``cost_analysis()``, collectives
-from the compiled HLO. Nothing runs on a TPU. ``topology=None``/``'local'``
+from the compiled HLO, and where the memory traffic goes, per part of the model
+and per op (``hlo_traffic``). Nothing runs on a TPU. ``topology=None``/``'local'``
 plans for the devices at hand and can also time the step (``measure``).
 See docs/plan.md.
 """
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vfocal_jax import sharding, tpu_specs
+from vfocal_jax import hlo_traffic, sharding, tpu_specs
 from vfocal_jax.models.layers import resolve_depthwise_impl
 
 LOCAL = "local"
@@ -177,7 +178,7 @@ def analyze(attempt: dict[str, Any], *, devices_per_chip: int, chip: tpu_specs.C
       "memory_per_chip": None, "total_bytes_per_chip": None, "flops_per_chip": None,
       "bytes_accessed_per_chip": None, "estimated_step_seconds": None, "estimated_clips_per_second_per_chip": None,
       "estimated_mfu": None, "roofline_step_seconds": None, "cost_analysis_raw": None,
-      "unmodelled_custom_calls": None, "collectives": None}
+      "unmodelled_custom_calls": None, "collectives": None, "traffic": None}
   compiled = attempt["compiled"]
   if compiled is None:
     return section
@@ -195,6 +196,7 @@ def analyze(attempt: dict[str, Any], *, devices_per_chip: int, chip: tpu_specs.C
   apply_cost(section, cost, chip=chip, devices_per_chip=k)
   if text is not None:
     section["collectives"] = tpu_specs.collectives(text)
+    section["traffic"] = hlo_traffic.breakdown(text, per=max(clips / (num_chips * k), 1e-9))
   return section
 
 
@@ -606,6 +608,9 @@ def format_report(r: dict[str, Any]) -> str:
                                                   for e in s["collectives"]))
     elif s["collectives"] is not None:
       lines.append("  collectives: none")
+    if s.get("traffic"):
+      lines.extend("  " + line for line in hlo_traffic.format_breakdown(s["traffic"], "memory traffic",
+                                                                         rows=10).splitlines())
   if r.get("input") is not None:
     lines.extend(format_input(r["input"]))
   for v in r.get("search_batch") or []:

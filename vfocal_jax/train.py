@@ -84,19 +84,22 @@ def loss_and_grads(model, params, video: jax.Array, pixel_affine: jax.Array, lab
   accuracy against the unmixed ``labels``; ``grads`` the loss's gradient.
   """
   r_mix, r_drop = jax.random.split(rng)
-  video = pixels.normalize(video, pixel_affine)
+  with jax.named_scope("input"):  # Named scopes: plan's traffic breakdown attributes ops by them.
+    video = pixels.normalize(video, pixel_affine)
   alphas = dict(mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha)
   if config.mixup_alpha <= 0 and config.cutmix_alpha <= 0:
     mesh = None  # Nothing to blend: no shard_map.
-  video, targets, mix = mixup.mix_per_shard(
-      r_mix, video, labels, num_classes=num_classes, mesh=mesh, batch_spec=batch_spec,
-      dtype=_compute_dtype(config), label_smoothing=config.label_smoothing,
-      switch_prob=config.mixup_switch_prob, **alphas)
+  with jax.named_scope("mixup"):
+    video, targets, mix = mixup.mix_per_shard(
+        r_mix, video, labels, num_classes=num_classes, mesh=mesh, batch_spec=batch_spec,
+        dtype=_compute_dtype(config), label_smoothing=config.label_smoothing,
+        switch_prob=config.mixup_switch_prob, **alphas)
 
   def loss_fn(p):
     logits = model.apply({"params": p}, video, train=True, rngs={"dropout": r_drop})
-    logits = logits.astype(jnp.float32)
-    return optax.softmax_cross_entropy(logits, targets).mean(), logits
+    with jax.named_scope("loss"):
+      logits = logits.astype(jnp.float32)
+      return optax.softmax_cross_entropy(logits, targets).mean(), logits
 
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   top1 = jnp.mean(jnp.argmax(logits, -1) == labels)
@@ -149,16 +152,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: opt
     grads = jax.tree.map(lambda g: g / accum, grads)
     loss, top1 = loss / accum, top1 / accum
 
-  grad_norm = optax.global_norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                            opt_state=keep(opt_state, state.opt_state))
-  metrics = TrainMetrics.single_from_model_output(
-      loss=loss, top1=top1, grad_norm=grad_norm, learning_rate=schedule(state.step),
-      non_finite=1.0 - finite.astype(jnp.float32))
+  with jax.named_scope("optimizer"):
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                              opt_state=keep(opt_state, state.opt_state))
+  with jax.named_scope("metrics"):
+    metrics = TrainMetrics.single_from_model_output(
+        loss=loss, top1=top1, grad_norm=grad_norm, learning_rate=schedule(state.step),
+        non_finite=1.0 - finite.astype(jnp.float32))
   return new_state, metrics
 
 
