@@ -148,7 +148,8 @@ def test_fine_tuning_takes_the_class_count_from_the_data_and_reinitialises_the_h
       return dict(batch, label=batch["label"] % 3)
 
   workdir = str(tmp_path / "run")
-  with caplog.at_level(logging.INFO):
+  # The absl logger's own level: a test that parsed absl flags earlier in this process may have set it to WARNING.
+  with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="absl"):
     train.train_and_evaluate(config, workdir, checkpoint=ckpt, train_iter=ThreeClasses(config), steps_per_epoch=10)
   log = caplog.text
   assert "label map has 3 classes" in log and "re-initialised" in log and "head/kernel" in log

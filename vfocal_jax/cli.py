@@ -133,6 +133,17 @@ def _parse_flags(argv: list[str]) -> list[str]:
     _flag_error(e)
 
 
+def _cluster_env(name: str) -> str | None:
+  """A cluster variable, or None when unset or libtpu's placeholder ('WARNING: could not determine ...').
+
+  libtpu writes those placeholders into the environment when it starts on a
+  machine that is not a TPU VM (``plan`` compiling for a slice); processes
+  started afterwards inherit them and must not take them for a pod.
+  """
+  value = os.environ.get(name)
+  return None if not value or value.startswith("WARNING") else value
+
+
 def _init_distributed() -> None:
   """Joins a multi-process run when asked to or auto-detected (TPU pod slice, SLURM).
 
@@ -143,7 +154,7 @@ def _init_distributed() -> None:
   if FLAGS.coordinator_address or FLAGS.num_processes:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  elif (os.environ.get("TPU_NAME") or os.environ.get("CLOUD_TPU_TASK_ID") or os.environ.get("TPU_WORKER_HOSTNAMES")
+  elif (_cluster_env("TPU_NAME") or _cluster_env("CLOUD_TPU_TASK_ID") or _cluster_env("TPU_WORKER_HOSTNAMES")
         or int(os.environ.get("SLURM_NTASKS", "1")) > 1):
     jax.distributed.initialize()  # Cluster auto-detection: TPU metadata, or SLURM's variables.
   logging.info("Process %d of %d; %d local / %d global devices (%s).", jax.process_index(), jax.process_count(),
