@@ -26,13 +26,7 @@ GRAD_TOL = 1e-4  # Of each parameter's largest gradient element: float32 against
 REC601 = np.array([0.299, 0.587, 0.114])  # The luma weights of the pipeline's colour map (docs/data.md).
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-  """Tiny tensors: a second torch thread only spin-waits (on 2 busy cores, 0.4 s of CPU a step instead of 0.01 s)."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(smoothing):

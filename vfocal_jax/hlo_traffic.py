@@ -24,6 +24,8 @@ import json
 import re
 from typing import Iterable
 
+from vfocal_jax.tpu_specs import tuple_elements
+
 # Bits per element of HLO primitive types.
 _BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "f16": 16, "bf16": 16,
          "s32": 32, "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64, "c64": 64, "c128": 128,
@@ -150,26 +152,6 @@ def parse_module(text: str) -> tuple[dict[str, list[_Instr]], str]:
   return comps, entry
 
 
-def _tuple_elements(type_text: str) -> list[str]:
-  """The top-level elements of a tuple type ``(a, (b, c), d)``; a non-tuple is its own one element."""
-  text = type_text.strip()
-  if not text.startswith("("):
-    return [text]
-  out, depth, start = [], 0, 1
-  for i, ch in enumerate(text):
-    if ch in "({[":
-      depth += 1
-    elif ch in ")}]":
-      depth -= 1
-      if depth == 0:
-        out.append(text[start:i])
-        break
-    elif ch == "," and depth == 1:
-      out.append(text[start:i])
-      start = i + 1
-  return [e.strip() for e in out if e.strip()]
-
-
 def _called(attrs: str, key: str) -> list[str]:
   m = re.search(key + r"=\{([^}]*)\}", attrs) or re.search(key + r"=(%[\w.\-]+)", attrs)
   return re.findall(r"%[\w.\-]+", m.group(1)) if m else []
@@ -207,7 +189,7 @@ def ops_of_module(text: str) -> list[Op]:
       if ins.opcode.endswith("-start"):
         # Async pairs: copy-start is (destination, source, context); the others wrap their
         # operands, (operands, result, context), or are (operand, result).
-        parts = _tuple_elements(ins.type_text)
+        parts = tuple_elements(ins.type_text)
         result = parts[0] if ins.opcode == "copy-start" else parts[min(1, len(parts) - 1)]
         if ins.opcode in _SLICES:  # Reads only the slice it writes.
           operand_types = [result]

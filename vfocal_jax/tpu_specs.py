@@ -214,7 +214,7 @@ def _array_bytes(type_str: str) -> int:
   return total
 
 
-def _top_level(type_str: str) -> list[str]:
+def tuple_elements(type_str: str) -> list[str]:
   """The elements of a tuple type ``(a, (b, c), d)``; ``[type_str]`` for an array."""
   s = re.sub(r"/\*.*?\*/", "", type_str.strip())
   if not s.startswith("("):
@@ -229,7 +229,7 @@ def _top_level(type_str: str) -> list[str]:
       parts.append(s[start:i])
       start = i + 1
   parts.append(s[start:s.rfind(")")])
-  return [p for p in parts if p.strip()]
+  return [p.strip() for p in parts if p.strip()]
 
 
 def collective_ops(hlo_text: str) -> list[dict[str, Any]]:
@@ -247,7 +247,7 @@ def collective_ops(hlo_text: str) -> list[dict[str, Any]]:
       continue
     kind, type_str = m.group("op"), m.group("type")
     if m.group("suffix") == "-start" and kind != "all-reduce":
-      parts = [p for p in _top_level(type_str) if _array_bytes(p) and not re.fullmatch(r"\s*[su]32\[\].*", p)]
+      parts = [p for p in tuple_elements(type_str) if _array_bytes(p) and not re.fullmatch(r"\s*[su]32\[\].*", p)]
       type_str = ",".join(parts[len(parts) // 2:]) if len(parts) >= 2 else type_str
     ops.append({"kind": kind, "bytes": _array_bytes(type_str)})
   return ops
