@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ import pytest
 
 from vfocal_jax import model_card, paths
 from vfocal_jax.file_checks import BadFileError
+from vfocal_jax.input_pipeline import sources
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -150,3 +152,92 @@ def test_the_command_prints_one_line_and_exits_2(tmp_path, damage, expected):
   assert run.returncode == 2, run.stderr[-2000:]
   assert errors == [f"error: {card}: {expected}  (--traceback shows where)"], run.stderr[-2000:]
   assert "Traceback" not in run.stderr
+
+
+# --- Shard directories: dataset_info.json and labels.txt. -----------------------------------------
+
+INFO = {"num_examples": 5, "num_classes": 3, "label_names": ["run", "jump", "swim"],
+        "shards": {"train-00000-of-00002.tfrecord": 3, "train-00001-of-00002.tfrecord": 2}, "frames_per_video": 0}
+
+
+def _shards(tmp_path, info=None, labels=None):
+  d = tmp_path / "shards"
+  d.mkdir(exist_ok=True)
+  for name in INFO["shards"]:
+    (d / name).write_bytes(b"")
+  if info is not None:
+    (d / "dataset_info.json").write_bytes(info if isinstance(info, bytes) else json.dumps(info).encode())
+  if labels is not None:
+    (d / "labels.txt").write_bytes(labels)
+  return d
+
+
+def test_good_shard_metadata_reads(tmp_path):
+  s = sources.load_shard_set(str(_shards(tmp_path, INFO, b"run\njump\nswim\n")))
+  assert s.counts == (3, 2) and s.num_classes == 3 and s.label_names == ("run", "jump", "swim")
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"shards": {"train-00000-of-00002.tfrecord": -3, "train-00001-of-00002.tfrecord": 2}}, "is -3, expected"),
+    ({"shards": {"train-00000-of-00002.tfrecord": "3", "train-00001-of-00002.tfrecord": 2}}, "expected an integer"),
+    ({"shards": [3, 2]}, "shards is a list"),
+    ({"shards": {"../x.tfrecord": 1}}, "expected a file name"),
+    ({"num_examples": 7}, "add up to 5, num_examples says 7"),
+    ({"num_classes": 0}, "num_classes is 0"),
+    ({"label_names": ["run", "jump"]}, "label_names has 2 names, num_classes says 3"),
+    ({"label_names": [1, 2, 3]}, "label_names[0]"),
+    ({"frames_per_video": -1}, "frames_per_video is -1"),
+    ({"frames_per_video": 1.5}, "frames_per_video is float"),
+])
+def test_damaged_dataset_info_is_refused_naming_the_field(tmp_path, change, words):
+  d = _shards(tmp_path, dict(INFO, **change))
+  with pytest.raises(BadFileError) as e:
+    sources.load_shard_set(str(d))
+  assert str(e.value).startswith(f"{d / 'dataset_info.json'}: ") and words in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("data,words", [
+    (json.dumps(INFO).encode()[:40], "not valid JSON"), (b"", "empty file"), (b"\xff\xd8\xff\xe0", "not UTF-8"),
+    (b"[1, 2]", "is a list"),
+])
+def test_unreadable_dataset_info_names_the_file(tmp_path, data, words):
+  d = _shards(tmp_path, data)
+  with pytest.raises(BadFileError, match=re.escape(words)) as e:
+    sources.load_shard_set(str(d))
+  assert str(e.value).startswith(f"{d / 'dataset_info.json'}: ")
+
+
+@pytest.mark.parametrize("data,words", [
+    (bytes(range(256)) * 4, "not UTF-8"), (b"run\x00jump\n", "NUL byte"), (b"\n \n", "no class names"),
+    (b"run\njump\nrun\n", "'run' appears twice (lines 1 and 3)"), (b"x" * 5000, "5,000 characters long"),
+])
+def test_damaged_labels_txt_is_refused_naming_the_file(tmp_path, data, words):
+  d = _shards(tmp_path, INFO, data)
+  with pytest.raises(BadFileError, match=re.escape(words)) as e:
+    sources.load_shard_set(str(d))
+  assert str(e.value).startswith(f"{d / 'labels.txt'}: ")
+
+
+# --- An export's card, read by the jax-only client. -----------------------------------------------
+
+@pytest.mark.parametrize("card,words", [
+    (b'{"export": {"format": "other"}}', "not a vfocal_jax"),
+    (b"{", "not valid JSON"),
+    (None, "model.num_classes is null"),
+    ({"model.num_classes": 2, "num_frames": 4, "image_size": 32}, "class_names has 3 values, expected 2"),
+])
+def test_damaged_export_card_is_refused_naming_the_file(tmp_path, card, words):
+  from vfocal_jax.export import runtime
+  good = {"export": {"format": runtime.EXPORT_FORMAT}, "class_names": ["a", "b", "c"],
+          "fields": {"model.num_classes": 3, "num_frames": 4, "image_size": 32}}
+  if card is None:
+    good["fields"]["model.num_classes"] = None
+    card = good
+  elif isinstance(card, dict):
+    card = dict(good, fields=card)
+  (tmp_path / runtime.MODEL_FILE).write_bytes(b"")
+  path = tmp_path / runtime.CARD_FILE
+  path.write_bytes(card if isinstance(card, bytes) else json.dumps(card).encode())
+  with pytest.raises(BadFileError, match=re.escape(words)) as e:
+    runtime.read_export_card(tmp_path)
+  assert str(e.value).startswith(f"{path}: ")

@@ -83,8 +83,8 @@ def read_csv(csv_path: str) -> list[tuple[str, str]]:
 
 
 def load_label_map(path: str) -> list[str]:
-  """Class names, one per line (line i is class i)."""
-  return sources.read_lines(sources.expand(path))
+  """Class names, one per line (line i is class i), checked (``sources.read_label_map``)."""
+  return list(sources.read_label_map(sources.expand(path)))
 
 
 def build_label_names(labels: Sequence[str]) -> list[str] | None:

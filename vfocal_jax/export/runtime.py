@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
+
+from vfocal_jax import file_checks  # Plain Python (json, math): the client stays jax-only.
 
 __all__ = ["EXPORT_FORMAT", "MODEL_FILE", "SAVED_MODEL_DIR", "GOLDEN_FILE", "CARD_FILE", "ExportedModel", "load",
            "read_export_card", "sha256_of"]
@@ -49,10 +50,18 @@ def read_export_card(directory: str | os.PathLike) -> dict[str, Any]:
   if not (_path(directory) / MODEL_FILE).exists() or not card_path.exists():
     raise FileNotFoundError(f"{directory} is not an exported model (no {MODEL_FILE} and {CARD_FILE}); make one with "
                             "`main.py export --checkpoint=DIR --output_dir=OUT`.")
-  card = json.loads(card_path.read_text())
+  fc = file_checks
+  card = fc.mapping(fc.parse_json(card_path.read_bytes(), card_path), card_path)
   export = card.get("export") or {}
-  if export.get("format") != EXPORT_FORMAT:
-    raise ValueError(f"{card_path}: not a {EXPORT_FORMAT} export card (export.format={export.get('format')!r}).")
+  if not isinstance(export, dict) or export.get("format") != EXPORT_FORMAT:
+    raise fc.BadFileError(card_path, f"not a {EXPORT_FORMAT} export card (export.format="
+                                     f"{export.get('format') if isinstance(export, dict) else export!r:.60})")
+  fields = fc.mapping(card.get("fields"), card_path, "fields")
+  fc.integer(fields.get("num_frames"), card_path, "num_frames", lo=1, hi=4096)
+  fc.integer(fields.get("image_size"), card_path, "image_size", lo=32, hi=8192)
+  classes = fc.integer(fields.get("model.num_classes"), card_path, "model.num_classes", lo=1, hi=1 << 20)
+  if card.get("class_names") is not None:
+    fc.strings(card["class_names"], card_path, "class_names", length=classes)
   return card
 
 

@@ -16,11 +16,11 @@ ones tf.data reads the records with), never with os.path / glob / open.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import tensorflow as tf
 
+from vfocal_jax import file_checks
 from vfocal_jax.input_pipeline import shard_format
 
 
@@ -58,8 +58,54 @@ def read_text(path: str) -> str:
 
 
 def read_lines(path: str) -> list[str]:
-  """Non-blank lines without their line ends (label maps)."""
-  return [line.rstrip("\r\n") for line in read_text(path).splitlines() if line.strip()]
+  """Non-blank lines without their line ends (label maps); a binary or non-UTF-8 file is a ``BadFileError``."""
+  with tf.io.gfile.GFile(path, "rb") as f:
+    text = file_checks.decode_text(f.read(file_checks.MAX_TEXT_BYTES + 1), path)
+  return [line.rstrip("\r\n") for line in text.splitlines() if line.strip()]
+
+
+def read_label_map(path: str) -> tuple[str, ...]:
+  """Class names, one per line (line i is class i): each once, none longer than 1,000 characters."""
+  names = read_lines(path)
+  if not names:
+    raise file_checks.BadFileError(path, "no class names (expected one per line)")
+  seen: dict[str, int] = {}
+  for i, name in enumerate(names):
+    if len(name) > 1000:
+      raise file_checks.BadFileError(path, f"line {i + 1} is {len(name):,} characters long; is this a label map?")
+    if name in seen:
+      raise file_checks.BadFileError(path, f"class {name[:60]!r} appears twice (lines {seen[name] + 1} and {i + 1})")
+    seen[name] = i
+  return tuple(names)
+
+
+def read_dataset_info(path: str) -> dict:
+  """``dataset_info.json`` (make_shards, or another tool's), checked: what the pipeline uses must make sense.
+
+  Per-shard counts are integers >= 0 that add up to ``num_examples`` when both
+  are given; ``num_classes`` >= 1 agrees with ``label_names``; ``frames_per_video`` >= 0.
+  """
+  with tf.io.gfile.GFile(path, "rb") as f:
+    info = file_checks.mapping(file_checks.parse_json(f.read(file_checks.MAX_TEXT_BYTES + 1), path), path)
+  fc = file_checks
+  shards = fc.mapping(info.get("shards", {}), path, "shards")
+  for name, n in shards.items():
+    fc.integer(n, path, f"shards[{name[:60]!r}]", lo=0, hi=10 ** 12)
+    if not name or "/" in name:
+      raise fc.BadFileError(path, f"shards has the entry {name[:60]!r}, expected a file name in this directory")
+  if info.get("num_examples") is not None:
+    total = fc.integer(info["num_examples"], path, "num_examples", lo=0, hi=10 ** 12)
+    if shards and sum(shards.values()) != total:
+      raise fc.BadFileError(path, f"the shards' counts add up to {sum(shards.values())}, num_examples says {total}")
+  if info.get("num_classes") is not None:
+    fc.integer(info["num_classes"], path, "num_classes", lo=1, hi=1 << 20)
+  if info.get("label_names") is not None:
+    names = fc.strings(info["label_names"], path, "label_names", max_len=1 << 20)
+    if info.get("num_classes") is not None and len(names) != info["num_classes"]:
+      raise fc.BadFileError(path, f"label_names has {len(names)} names, num_classes says {info['num_classes']}")
+  if info.get("frames_per_video") is not None:
+    fc.integer(info["frames_per_video"], path, "frames_per_video", lo=0, hi=1 << 20)
+  return info
 
 
 def write_text(path: str, text: str) -> None:
@@ -116,11 +162,11 @@ def load_shard_set(spec: str, label_map: str = "") -> ShardSet:
   for directory in sorted({parent(f) for f in files}):
     path = join(directory, shard_format.INFO_FILENAME)
     if tf.io.gfile.exists(path):
-      infos[directory] = json.loads(read_text(path))
+      infos[directory] = read_dataset_info(path)
   per_file = {}
   for directory, info in infos.items():
     for name, n in info.get("shards", {}).items():
-      per_file[join(directory, name)] = int(n)
+      per_file[join(directory, name)] = n
   if files and all(f in per_file for f in files):
     counts = tuple(per_file[f] for f in files)
   frames_per_video, frames_source = 0, ""
@@ -134,7 +180,7 @@ def load_shard_set(spec: str, label_map: str = "") -> ShardSet:
     label_names = tuple(first["label_names"]) if first.get("label_names") else None
   label_file = expand(label_map) if label_map else join(parent(files[0]), shard_format.LABELS_FILENAME)
   if tf.io.gfile.exists(label_file):
-    label_names = tuple(read_lines(label_file))
+    label_names = read_label_map(label_file)
     num_classes = len(label_names)
   elif label_map:
     raise FileNotFoundError(f"Label map {label_map!r} not found.")
