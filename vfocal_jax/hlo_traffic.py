@@ -103,7 +103,7 @@ def array_bytes(type_text: str) -> tuple[int, int]:
 
 
 def _strip_layout(type_text: str) -> str:
-  return re.sub(r"\{[^{}]*\}", "", type_text).replace("/*index=", "").strip()
+  return re.sub(r"\{[^{}]*\}|/\*.*?\*/", "", type_text).strip()
 
 
 def _split_args(rest: str) -> tuple[str, str]:
