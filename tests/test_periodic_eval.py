@@ -87,10 +87,10 @@ def test_sigterm_during_a_periodic_eval_skips_it_and_saves(tmp_path, monkeypatch
   monkeypatch.setattr(evaluate, "create_eval_iterator", eval_batches)
   workdir = str(tmp_path / "run")
   result = _run(config, workdir)
-  # Signalled during the evaluation after step 2: it is skipped; the loop sees the flag after the next step
-  # (it checks before evaluating), so step 3 is trained and saved.
-  assert result["preempted_at"] == 3 and "step" not in result
+  # Signalled during the evaluation after step 2: it is skipped, and step 2 is saved (docs/training.md: "the
+  # loop saves after the current step"), not trained past.
+  assert result["preempted_at"] == 2 and "step" not in result
   assert "Preempted during the evaluation at step 2: it is skipped." in caplog.text
   assert "eval/top1" not in plots.read_scalars(workdir)
-  assert checkpoints.committed_steps(os.path.join(workdir, "checkpoints")) == [3]
-  assert checkpoints.load_params_from_workdir(workdir)[1] == 3
+  assert checkpoints.committed_steps(os.path.join(workdir, "checkpoints")) == [2]
+  assert checkpoints.load_params_from_workdir(workdir)[1] == 2

@@ -367,6 +367,10 @@ def _train_and_evaluate(config, workdir, checkpoint, *, train_iter, steps_per_ep
         stop = preemption.reached(step)
         with report.timed("eval", wait_jax_async_dispatch=False):
           eval_metrics = None if stop else periodic_eval(step, state)
+        # A SIGTERM during that evaluation (single process: it stopped at its next batch) saves this step
+        # now, as documented, instead of training one more. Processes of a multi-process run agree on
+        # the stopping step through `reached` only.
+        stop = stop or (preemption.requested and jax.process_count() == 1)
         with report.timed("checkpoint", wait_jax_async_dispatch=False):
           ckpt(step, state, metrics=eval_metrics, force=stop or eval_metrics is not None)
         if stop:
