@@ -241,3 +241,24 @@ def test_damaged_export_card_is_refused_naming_the_file(tmp_path, card, words):
   with pytest.raises(BadFileError, match=re.escape(words)) as e:
     runtime.read_export_card(tmp_path)
   assert str(e.value).startswith(f"{path}: ")
+
+
+# --- A config file of the user's: one line naming the file (and line), never a traceback. -----------------
+
+@pytest.mark.parametrize("source,expected", [
+    (b"def get_config(:\n  pass\n", ":1: invalid syntax (the config file does not parse)"),
+    (b"\xff\xfe\x00garbage", ": source code string cannot contain null bytes (the config file does not parse)"),
+    (b"x = 1\n", ": no get_config() function"),
+    (b"def get_config():\n  return undefined_name\n", ":2: NameError: name undefined_name is not defined"),
+    (b"def get_config():\n  raise ValueError('bad value here')\n", ":2: ValueError: bad value here"),
+])
+def test_a_damaged_config_file_is_one_line(tmp_path, source, expected):
+  config = tmp_path / "my_config.py"
+  config.write_bytes(source)
+  run = subprocess.run([sys.executable, str(ROOT / "main.py"), "train", f"--config={config}",
+                        f"--workdir={tmp_path / 'w'}"], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert run.returncode == 2, run.stderr[-2000:]
+  lines = [line for line in run.stderr.splitlines() if line.strip()]
+  assert lines[-1].startswith(f"error: {config}{expected}"), run.stderr[-2000:]
+  assert "Traceback" not in run.stderr and not (tmp_path / "w").exists()

@@ -30,7 +30,9 @@ library that takes the config and plain values.
 from __future__ import annotations
 
 import os
+import re
 import sys
+import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -125,12 +127,49 @@ def _define_config_flag() -> None:
     _flag_error(e)
 
 
+def _config_file_error(e: BaseException) -> str | None:
+  """One line for an error raised by a user's config file itself (a syntax error, or its code failing), else None.
+
+  The packaged configs are ours: an error there is a bug and keeps its traceback.
+  """
+  paths = {p for p in _config_paths() if not p.startswith(CONFIG_DIR)}
+  if isinstance(e, SyntaxError) and (e.filename in paths or (not e.filename and len(paths) == 1)):
+    where = f"{e.filename or next(iter(paths))}" + (f":{e.lineno}" if e.lineno else "")
+    return f"{where}: {e.msg} (the config file does not parse)"
+  if isinstance(e, AttributeError) and "get_config" in str(e) and len(paths) == 1:
+    return (f"{next(iter(paths))}: no get_config() function (a config file defines get_config() returning an "
+            "ml_collections.ConfigDict)")
+  mine = [f for f in traceback.extract_tb(e.__traceback__) if f.filename in paths]
+  if mine:
+    return f"{mine[-1].filename}:{mine[-1].lineno}: {type(e).__name__}: {e} (raised by the config file)"
+  # ml_collections re-raises a TypeError/ValueError of get_config() with the traceback as its text.
+  text = str(e)
+  if "Error whilst parsing config file" in text:
+    where = [m for m in re.finditer(r'File "([^"]+)", line (\d+)', text) if m.group(1) in paths]
+    last = text.strip().splitlines()[-1].strip()
+    if where:
+      return f"{where[-1].group(1)}:{where[-1].group(2)}: {last} (raised by the config file)"
+  return None
+
+
+def _config_paths() -> set[str]:
+  return {os.path.abspath(a[len("--config="):].split(":")[0]) for a in sys.argv if a.startswith("--config=")}
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a bad flag or config field as one line instead of a traceback."""
+  """absl's flag parsing, with a bad flag, config field or config file as one line instead of a traceback."""
   try:
     return FLAGS(config_by_name(argv))
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    message = _config_file_error(e)
+    if message:
+      _flag_error(ValueError(message))
     _flag_error(e)
+  except Exception as e:  # pylint: disable=broad-except
+    message = _config_file_error(e)
+    if message is None:
+      raise
+    _flag_error(ValueError(message))
 
 
 def _cluster_env(name: str) -> str | None:
