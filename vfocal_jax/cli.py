@@ -160,16 +160,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a bad flag, config field or config file as one line instead of a traceback."""
   try:
     return FLAGS(config_by_name(argv))
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+  except Exception as e:  # pylint: disable=broad-except
     message = _config_file_error(e)
     if message:
       _flag_error(ValueError(message))
-    _flag_error(e)
-  except Exception as e:  # pylint: disable=broad-except
-    message = _config_file_error(e)
-    if message is None:
+    if not isinstance(e, (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError)):
       raise
-    _flag_error(ValueError(message))
+    _flag_error(e)
 
 
 def _cluster_env(name: str) -> str | None:
