@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from vfocal_jax import model_card, paths
+from vfocal_jax import errors, model_card, paths
 from vfocal_jax.model_card import ModelCard
 
 __all__ = ["Loaded", "ParamsMismatchError", "model_kwargs", "build_model", "artifact_kind", "read_card", "load",
@@ -33,7 +33,7 @@ RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "depthwise_impl", "temporal_l
                   "dense_init")
 
 
-class ParamsMismatchError(ValueError):
+class ParamsMismatchError(errors.MismatchError):
   """Parameters that do not fit the model they are loaded into (lists what differs)."""
 
 

@@ -36,13 +36,13 @@ from etils import epath
 from flax import serialization
 from orbax.checkpoint import checkpoint_managers as cm
 
-from vfocal_jax import paths
+from vfocal_jax import errors, paths
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(errors.UserError, OSError):
   """A checkpoint could not be written (e.g. the disk is full); the previous one is intact."""
 
 

@@ -3,7 +3,7 @@
 Model cards, ``dataset_info.json``, label maps and configs travel between
 machines and teams, so they arrive truncated, hand-edited or written by other
 tools. Every reader parses its file into plain values through these helpers,
-which raise ``BadFileError`` (a user error: one line, exit status 2) that reads
+which raise ``errors.BadFileError`` (a user error: one line, exit status 2) that reads
 ``<path>: <field> <what is wrong>``.
 """
 from __future__ import annotations
@@ -13,19 +13,13 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from vfocal_jax.errors import BadFileError
+
 __all__ = ["BadFileError", "MAX_TEXT_BYTES", "parse_json", "decode_text", "mapping", "integer", "number",
            "boolean", "choice", "string", "numbers", "integers", "strings"]
 
 MAX_TEXT_BYTES = 64 << 20  # A JSON or text file we read whole (cards, dataset_info, labels): 64 MiB at most.
 _MAX_DEPTH = 64
-
-
-class BadFileError(ValueError):
-  """A user's file that cannot be used as it is: the message names the file and what is wrong."""
-
-  def __init__(self, path: Any, problem: str):
-    super().__init__(f"{path}: {problem}")
-    self.path, self.problem = str(path), problem
 
 
 def decode_text(data: bytes, path: Any) -> str:

@@ -25,14 +25,14 @@ import ml_collections
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from vfocal_jax import checkpoints, evaluate, paths
+from vfocal_jax import checkpoints, errors, evaluate, paths
 from vfocal_jax.metrics import MetricWindow
 from vfocal_jax.preemption import EvalInterrupted, Preemption
 
 CURVES_PNG = "training_curves.png"
 
 
-class NonFiniteLossError(RuntimeError, ValueError):
+class NonFiniteLossError(errors.UserError, RuntimeError):
   """The loss or the gradient norm became NaN/inf; the message names the last committed checkpoint.
 
   (A ValueError too, so the command line shows it as one line.)

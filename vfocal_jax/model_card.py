@@ -20,7 +20,7 @@ from typing import Any
 
 import ml_collections
 
-from vfocal_jax import file_checks, paths
+from vfocal_jax import errors, file_checks, paths
 from vfocal_jax.file_checks import BadFileError
 
 __all__ = ["CARD_FILE", "ARCHITECTURE_FIELDS", "CLIP_FIELDS", "PREPROCESSING_FIELDS", "ModelCard",
@@ -43,7 +43,7 @@ PREPROCESSING_FIELDS = ("data.mean", "data.std", "data.eval_resize_ratio", "data
                         "data.eval_clip_offsets", "test_num_clips", "test_num_crops")
 
 
-class CardMismatchError(ValueError):
+class CardMismatchError(errors.MismatchError):
   """A config disagrees with the model card of the artifact it is used with."""
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from etils import epath
 
+from vfocal_jax import errors
+
 __all__ = ["is_url", "resolve", "join", "exists", "read_text", "write_text", "read_json", "write_json",
            "read_bytes", "makedirs"]
 
@@ -48,11 +50,18 @@ def makedirs(path: PathLike) -> epath.Path:
 
 
 def read_text(path: PathLike) -> str:
-  return resolve(path).read_text(encoding="utf-8")
+  return read_bytes(path).decode("utf-8")
 
 
 def read_bytes(path: PathLike) -> bytes:
-  return resolve(path).read_bytes()
+  """The file's bytes; a path that holds no file is a ``MissingFileError`` (a user error) naming it."""
+  target = resolve(path)
+  try:
+    return target.read_bytes()
+  except (FileNotFoundError, NotADirectoryError) as e:
+    raise errors.MissingFileError(os.fspath(target)) from e
+  except IsADirectoryError as e:
+    raise errors.MissingFileError(os.fspath(target), "a directory, expected a file") from e
 
 
 def write_text(path: PathLike, text: str) -> str:
@@ -66,8 +75,7 @@ def write_text(path: PathLike, text: str) -> str:
 def read_json(path: PathLike) -> Any:
   """The JSON value of a file; a damaged one (empty, truncated, binary, too deep) is a ``BadFileError`` naming it."""
   from vfocal_jax import file_checks  # pylint: disable=import-outside-toplevel
-  target = resolve(path)
-  return file_checks.parse_json(target.read_bytes(), os.fspath(target))
+  return file_checks.parse_json(read_bytes(path), os.fspath(resolve(path)))
 
 
 def write_json(path: PathLike, value: Any) -> str:

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vfocal_jax import artifacts, model_card, paths
+from vfocal_jax import artifacts, errors, model_card, paths
 from vfocal_jax import batch as batch_lib
 
 __all__ = ["read_video_list", "read_class_names", "video_views", "make_predict_fn", "predict_videos",
@@ -40,7 +40,7 @@ EXIT_STATUS_FAILED = 1  # `main.py predict` / `visualize` when any video could n
 MAX_CLIPS_PER_CALL = 12  # Default batch: videos x views per jitted call.
 
 
-class PredictionFailed(RuntimeError):
+class PredictionFailed(errors.UserError, RuntimeError):
   """Some videos could not be predicted (the others were, and were printed)."""
 
 

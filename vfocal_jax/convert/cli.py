@@ -28,7 +28,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vfocal_jax import artifacts, model_card, params_io, paths
+from vfocal_jax import artifacts, errors, model_card, params_io, paths
 from vfocal_jax.convert.torch_pickle import load_torch_checkpoint
 
 __all__ = ["run", "infer_model_kwargs", "convert_state_dict", "VariantMismatchError"]
@@ -37,7 +37,7 @@ __all__ = ["run", "infer_model_kwargs", "convert_state_dict", "VariantMismatchEr
 _VARIANT_KEYS = ("embed_dim", "depths")
 
 
-class VariantMismatchError(ValueError):
+class VariantMismatchError(errors.MismatchError):
   """``--variant`` / ``--config.model`` disagree with the shapes of the weights."""
 
 

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from vfocal_jax import errors
+
 # Flax kernel (in..., out) -> torch weight, by number of dimensions.
 _TO_TORCH = {2: (1, 0), 3: (2, 1, 0), 4: (3, 2, 0, 1), 5: (4, 3, 0, 1, 2)}
 _TO_FLAX = {n: tuple(np.argsort(p)) for n, p in _TO_TORCH.items()}
@@ -23,7 +25,7 @@ _INDEXED = re.compile(r"^(layers|blocks)_(\d+)$")
 _FOCAL = re.compile(r"^(focal_layers(?:_temporal)?)_(\d+)$")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.MismatchError):
   """A state dict that does not match the model; lists every missing, unexpected and mis-shaped key."""
 
   def __init__(self, missing: list[str], unexpected: list[str], shape_mismatch: list[str]):

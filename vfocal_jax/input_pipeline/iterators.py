@@ -20,11 +20,12 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from vfocal_jax import errors
 from vfocal_jax.input_pipeline import records
 from vfocal_jax.input_pipeline.datasets import DatasetInfo, build_eval_dataset, build_train_dataset
 
 
-class LabelOutOfRangeError(ValueError):
+class LabelOutOfRangeError(errors.UserError, ValueError):
   """A record's label is outside [0, num_classes): the data and the classifier disagree."""
 
 

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from vfocal_jax import errors
+
 
 def _fold(seed: tf.Tensor, k: int) -> tf.Tensor:
   return tf.random.experimental.stateless_fold_in(seed, k)
@@ -93,7 +95,7 @@ def dense_test_indices(n: tf.Tensor, num_frames: int, interval: int, num_clips: 
   return tf.math.floormod(idx, tf.maximum(n, 1))
 
 
-class SamplingError(ValueError):
+class SamplingError(errors.UserError, ValueError):
   """The sampling config does not fit the shards (a user error: one line naming the field)."""
 
 

@@ -8,13 +8,15 @@ import os
 import numpy as np
 from etils import epath
 
+from vfocal_jax import errors
+
 # FFmpeg demuxers / decoders that turn files which are not videos into "frames":
 # a text file opens as an ANSI-art video (tty demuxer, ansi codec).
 NOT_VIDEO_FORMATS = frozenset({"tty"})
 NOT_VIDEO_CODECS = frozenset({"ansi"})
 
 
-class VideoDecodeError(ValueError):
+class VideoDecodeError(errors.UserError, ValueError):
   """A video file could not be opened or held no decodable frame."""
 
 
