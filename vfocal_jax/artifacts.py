@@ -2,17 +2,15 @@
 
 An artifact is a config (a model to initialise), a converted checkpoint
 (``params/`` + ``model_card.json``, written by ``convert``) or a training
-workdir (``checkpoints/`` + ``config.json`` + ``model_card.json``). ``load``
-turns a converted checkpoint or a workdir into ``(model, params, card,
-config)``: the architecture, clip and preprocessing come from the card, the
-run's own settings (data, batch, mesh, compute dtype) from the config, and a
-config the user chose that disagrees with the card is an error naming the field.
+workdir (``checkpoints/`` + ``config.json`` + ``model_card.json``). This
+module holds what every command needs of one: the model of a config, fresh or
+abstract parameters, the card, the parameters by artifact kind and the check
+that they fit. ``resolve.artifact`` puts them together into a ``Loaded``.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -22,11 +20,11 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from vfocal_jax import errors, model_card, paths
+from vfocal_jax import config_fields, errors, model_card, paths
 from vfocal_jax.model_card import ModelCard
 
-__all__ = ["Loaded", "ParamsMismatchError", "model_kwargs", "build_model", "artifact_kind", "read_card", "load",
-           "check_params", "init_params"]
+__all__ = ["Loaded", "ParamsMismatchError", "model_kwargs", "build_model", "model_from_fields", "artifact_kind", "read_card",
+           "load_params", "check_params", "init_params", "abstract_params"]
 
 # Model fields that say how a run computes (the config's to choose), not what the model is.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "depthwise_impl", "temporal_layout", "drop_rate", "drop_path_rate",
@@ -39,7 +37,8 @@ class ParamsMismatchError(errors.MismatchError):
 
 @dataclasses.dataclass
 class Loaded:
-  """A model, its parameters (host arrays), its card and the config to feed it with."""
+  """A model, its parameters (host arrays; None for an exported model, which holds them), its card and the
+  config to feed it with."""
   model: Any
   params: Any
   card: ModelCard
@@ -62,14 +61,28 @@ def model_kwargs(model_config: Mapping[str, Any] | ml_collections.ConfigDict) ->
       try:
         kwargs[key] = jnp.dtype(kwargs[key])
       except TypeError as e:
-        raise ValueError(f"model.{key}={kwargs[key]!r} is not a dtype (use float32, bfloat16 or float16).") from e
+        raise errors.ConfigError(f"model.{key}={kwargs[key]!r} is not a dtype (use float32, bfloat16 or float16)"
+                                 ) from e
   return kwargs
 
 
-def build_model(config: ml_collections.ConfigDict):
-  """The VideoFocalNet of ``config.model``."""
+def build_model(config: ml_collections.ConfigDict, **fields: Any):
+  """The VideoFocalNet of ``config.model`` (``fields`` replace some of its fields)."""
+  return model_from_fields(config.model, **fields)
+
+
+def model_from_fields(model_config: Mapping[str, Any] | ml_collections.ConfigDict, **fields: Any):
+  """The VideoFocalNet of a model config (``config.model``, or its JSON), with ``fields`` replacing some.
+
+  A field the model does not take, or a value it refuses, is a ``ConfigError`` naming it.
+  """
   from vfocal_jax.models import create_model  # pylint: disable=import-outside-toplevel
-  return create_model(**model_kwargs(config.model))
+  try:
+    return create_model(**{**model_kwargs(model_config or {}), **fields})
+  except (TypeError, ValueError) as e:
+    if isinstance(e, errors.UserError):
+      raise
+    raise errors.ConfigError(f"config.model: {e}") from e
 
 
 def init_params(model, rng: jax.Array, num_frames: int, image_size: int) -> Any:
@@ -81,6 +94,11 @@ def init_params(model, rng: jax.Array, num_frames: int, image_size: int) -> Any:
     video = jnp.zeros((1, num_frames, image_size, image_size, 3), jnp.float32)
     return model.init({"params": rng}, video, train=False)["params"]
   return jax.jit(init)(rng)
+
+
+def abstract_params(model, num_frames: int, image_size: int) -> Any:
+  """The shapes and dtypes of ``model``'s parameters (``jax.ShapeDtypeStruct``s), without computing them."""
+  return jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), num_frames, image_size))
 
 
 def artifact_kind(path: paths.PathLike) -> str | None:
@@ -100,11 +118,10 @@ def _legacy_card(root: Any, config: ml_collections.ConfigDict) -> ModelCard:
   elif (root / "config.json").exists():
     fields = paths.read_json(root / "config.json").get("model", {})
   else:
-    raise FileNotFoundError(f"{root}: no {model_card.CARD_FILE}, model.json or config.json.")
+    raise errors.MissingFileError(root, f"no {model_card.CARD_FILE}, model.json or config.json")
   logging.warning("%s has no %s (written by an older version): clip and preprocessing come from the config.",
                   root, model_card.CARD_FILE)
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.model = ml_collections.ConfigDict(fields)
+  config = config_fields.updated(config, {"model": ml_collections.ConfigDict(fields)}, new_fields=True)
   return model_card.card_from_config(config, build_model(config), provenance={"source": str(root)})
 
 
@@ -112,67 +129,25 @@ def read_card(path: paths.PathLike, config: ml_collections.ConfigDict | None = N
   """The card of a converted checkpoint or workdir (a legacy one is completed from ``config``)."""
   root = paths.resolve(path)
   if artifact_kind(root) is None:
-    raise FileNotFoundError(
-        f"{root} is neither a converted checkpoint (params/) nor a training workdir (checkpoints/); make one "
+    raise errors.MissingFileError(
+        root, "neither a converted checkpoint (params/) nor a training workdir (checkpoints/); make one "
         "with `main.py convert --pth=FILE.pth --output_dir=DIR` or `main.py train --workdir=DIR`.")
   card = model_card.read_card(root)
   return card if card is not None else _legacy_card(root, config or ml_collections.ConfigDict())
 
 
-def configure(config: ml_collections.ConfigDict, card: ModelCard, *, config_given: bool,
-              overrides: Iterable[str] = (), fields: Iterable[str] | None = None,
-              source: str = "") -> ml_collections.ConfigDict:
-  """``config`` with the card's fields (see ``model_card.apply_card``); runtime model fields stay the config's."""
-  resolved = {}
-  if "model" in config:
-    try:
-      resolved = model_card.architecture_of(build_model(config))
-    except (TypeError, ValueError):  # Not a buildable model config: compare as spelled out.
-      resolved = {}
-  out = model_card.apply_card(config, card, config_given=config_given, overrides=overrides, fields=fields,
-                              source=source, resolved=resolved)
-  if "model" in out:  # Keep only the runtime fields the config sets; the card owns the rest.
-    for key in list(out.model.keys()):
-      if f"model.{key}" not in card.fields and key not in RUNTIME_FIELDS:
-        del out.model[key]
-  return out
-
-
-def load(config: ml_collections.ConfigDict | None, *, checkpoint: str | None = None, workdir: str | None = None,
-         config_given: bool = False, overrides: Iterable[str] = (), step: int | None = None) -> Loaded:
-  """The model, host parameters, card and effective config of a converted checkpoint or a workdir.
-
-  Args:
-    config: the config to run with (data, batch, mesh, dtype); None: an empty one.
-    checkpoint: a converted checkpoint, or a workdir (wins over ``workdir``).
-    workdir: a training workdir (its latest checkpoint, or ``step``).
-    config_given: the user chose ``config``; fields that differ from the card are then errors.
-    overrides: field paths the user set explicitly; they win over the card.
-  """
-  source = checkpoint or workdir
-  if not source:
-    raise ValueError("Give --checkpoint (a converted checkpoint) or --workdir (a training run).")
-  config = ml_collections.ConfigDict(config.to_dict() if config is not None else {})
-  card = read_card(source, config)
-  config = configure(config, card, config_given=config_given, overrides=overrides, source=source)
+def load_params(source: paths.PathLike, step: int | None = None) -> tuple[Any, int | None]:
+  """Host parameters of a converted checkpoint, or of a workdir's latest (or ``step``) checkpoint, and that step."""
   if artifact_kind(source) == "converted":
     from vfocal_jax import params_io  # pylint: disable=import-outside-toplevel
-    params = params_io.load_params(source)
-  else:
-    from vfocal_jax import checkpoints  # pylint: disable=import-outside-toplevel
-    params, step = checkpoints.load_params_from_workdir(source, step)
-    card = dataclasses.replace(card, provenance={**card.provenance, "step": int(step)})
-  model = build_model(config)
-  check_params(model, params, config, source=source)
-  logging.info("Loaded %s: %d frames x %dpx, %d classes, %s.", source, model.num_frames, config.image_size,
-               model.num_classes, card.provenance)
-  return Loaded(model=model, params=params, card=card, config=config, source=os.fspath(source))
+    return params_io.load_params(source), None
+  from vfocal_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  return checkpoints.load_params_from_workdir(source, step)
 
 
 def check_params(model, params: Any, config: ml_collections.ConfigDict, *, source: str = "") -> None:
   """Raises ``ParamsMismatchError`` listing what differs between ``params`` and ``model``'s parameters."""
-  expected = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), int(config.num_frames),
-                                                int(config.image_size)))
+  expected = abstract_params(model, int(config.num_frames), int(config.image_size))
   want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(expected, sep="/").items()}
   have = {k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
   missing = sorted(set(want) - set(have))

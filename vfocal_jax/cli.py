@@ -17,15 +17,25 @@ Commands:
              local devices: per-chip memory, FLOPs, the compiler's step-time estimate.
   export     a serving artifact of --checkpoint or --workdir in --output_dir: jax.export
              (model.jax), a TF SavedModel, golden clips, the card (docs/serving.md).
+  make_shards  a CSV of `path,label` videos -> TFRecord shards, labels.txt, dataset_info.json
+             (--csv, --output_dir, ...; also `python -m vfocal_jax.data.make_shards`).
+
+Each command takes its own flags (``COMMAND_FLAGS``, filled where each flag is
+declared below); a flag of another command is an error naming the commands
+that take it. ``--config`` and ``--config.FIELD=VALUE`` go with every command
+but make_shards.
 
 ``--config`` takes a config by name (``k400_base``: the files of
 ``vfocal_jax/configs``, shipped in the package) or a path. Every path may be a
-``gs://`` URL. A user error (a missing file, a bad field, a checkpoint that
-does not fit) is one line on stderr and exit status 2; ``predict`` exits with
-1 when some videos could not be read; ``--traceback`` shows the traceback.
+``gs://`` URL. A user error (``errors.UserError``: a missing file, a bad
+field, a checkpoint that does not fit) is one line on stderr and exit status
+2; ``predict`` exits with 1 when some videos could not be read;
+``--traceback`` shows the traceback. Any other exception is a bug: its
+traceback is printed and the exit status is 1.
 
-This is the only module that parses flags; each command is a function of the
-library that takes the config and plain values.
+This is the only module that parses flags. It resolves what they name once
+(``resolve``: the config with an artifact's card applied and checked, the
+artifact loaded) and calls the library with those values.
 """
 from __future__ import annotations
 
@@ -39,45 +49,79 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from vfocal_jax import errors  # noqa: E402
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 DEMO_CONFIG = os.path.join(CONFIG_DIR, "demo.py")
-COMMANDS = ("train", "eval", "convert", "summary", "predict", "visualize", "plan", "export")
-EXIT_USER_ERROR = 2
+COMMANDS = ("train", "eval", "convert", "summary", "predict", "visualize", "plan", "export", "make_shards")
+EXIT_USER_ERROR = 2  # errors.EXIT_USER_ERROR, without importing the library before the flags are parsed.
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Directory (or gs:// URL) for checkpoints, metrics and results.")
-flags.DEFINE_bool("traceback", False, "Show the traceback of a user error instead of one line.")
+
+# Which command takes which flag: filled by ``_flag`` as each flag is declared.
+COMMAND_FLAGS: dict[str, set[str]] = {command: set() for command in COMMANDS}
+_WITH_CONFIG = ("train", "eval", "convert", "summary", "predict", "visualize", "plan", "export")
+_DISTRIBUTED = ("train", "eval", "predict", "visualize")
+
+
+def _flag(commands: tuple[str, ...], define, name: str, default, help_text: str, **kwargs) -> None:
+  """Declares ``--name`` as a flag of ``commands`` (another command refuses it)."""
+  define(name, default, f"{'/'.join(commands)}: {help_text}", **kwargs)
+  for command in commands:
+    COMMAND_FLAGS[command].add(name)
+
+
+flags.DEFINE_bool("traceback", False, "Show the traceback of a user error instead of one line (every command).")
+_flag(("train", "eval", "predict", "visualize", "convert", "export"), flags.DEFINE_string, "workdir", None,
+      "directory (or gs:// URL) of a training run: checkpoints, metrics and results.")
 # Multi-host.
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for jax.distributed (auto on TPU/SLURM).")
-flags.DEFINE_integer("num_processes", None, "Number of processes for jax.distributed.")
-flags.DEFINE_integer("process_id", None, "This process's index for jax.distributed.")
+_flag(_DISTRIBUTED, flags.DEFINE_string, "coordinator_address", None,
+      "host:port of process 0 for jax.distributed (auto on TPU/SLURM).")
+_flag(_DISTRIBUTED, flags.DEFINE_integer, "num_processes", None, "number of processes for jax.distributed.")
+_flag(_DISTRIBUTED, flags.DEFINE_integer, "process_id", None, "this process's index for jax.distributed.")
 # Artifacts from elsewhere.
-flags.DEFINE_string("checkpoint", None, "A converted checkpoint or a training workdir (eval, predict, visualize, "
-                    "fine-tuning).")
+_flag(("train", "eval", "predict", "visualize", "convert", "export"), flags.DEFINE_string, "checkpoint", None,
+      "a converted checkpoint or a training workdir (train: the weights to fine-tune from).")
 # convert.
-flags.DEFINE_string("pth", None, "convert: PyTorch checkpoint file (.pth) to read.")
-flags.DEFINE_string("output_dir", None, "convert: where to write the converted checkpoint; visualize: where PNGs go; "
-                    "export: where to write the export.")
-flags.DEFINE_string("variant", None, "convert: tiny | small | base (checked against the weights).")
-flags.DEFINE_string("to_torch", None, "convert: write this safetensors file from --checkpoint or --workdir instead.")
-flags.DEFINE_bool("allow_partial", False, "convert: load what matches and print the report of what did not.")
-flags.DEFINE_bool("imagenet", False, "convert: --pth is an ImageNet FocalNet-SRF checkpoint; inflate it.")
+_flag(("convert",), flags.DEFINE_string, "pth", None, "PyTorch checkpoint file (.pth) to read.")
+_flag(("convert", "visualize", "export", "make_shards"), flags.DEFINE_string, "output_dir", None,
+      "where the output goes (convert: the converted checkpoint; visualize: PNGs; export: the export; "
+      "make_shards: the shards).")
+_flag(("convert",), flags.DEFINE_string, "variant", None, "tiny | small | base | custom (checked against the weights).")
+_flag(("convert",), flags.DEFINE_string, "to_torch", None,
+      "write this safetensors file from --checkpoint or --workdir instead.")
+_flag(("convert",), flags.DEFINE_bool, "allow_partial", False, "load what matches and print the report of what did not.")
+_flag(("convert",), flags.DEFINE_bool, "imagenet", False, "--pth is an ImageNet FocalNet-SRF checkpoint; inflate it.")
 # predict / visualize / convert.
-flags.DEFINE_list("video", None, "predict/visualize: video file(s), or one .csv of paths.")
-flags.DEFINE_string("labels", None, "predict: class names to show; convert: class names for the model card "
-                    "(one per line, or the official id,name CSV).")
-flags.DEFINE_string("output_csv", None, "predict: write top-5 per video here.")
-flags.DEFINE_string("exported", None, "predict: an export directory (written by `export`) to run instead of Flax.")
+_flag(("predict", "visualize"), flags.DEFINE_list, "video", None, "video file(s), or one .csv of paths.")
+_flag(("predict", "visualize", "convert"), flags.DEFINE_string, "labels", None,
+      "class names (one per line, or the official id,name CSV); convert: for the model card.")
+_flag(("predict",), flags.DEFINE_string, "output_csv", None, "write top-5 per video here.")
+_flag(("predict",), flags.DEFINE_string, "exported", None, "an export directory (written by `export`) to run instead of Flax.")
 # export.
-flags.DEFINE_bool("overwrite", False, "export: replace an existing export in --output_dir.")
+_flag(("export",), flags.DEFINE_bool, "overwrite", False, "replace an existing export in --output_dir.")
 # plan.
-flags.DEFINE_string("topology", None, "plan: a TPU slice (v5e:2x2, v4:2x2x1, ...) or 'local' (default).")
-flags.DEFINE_string("json", None, "plan: also write the report as JSON here.")
-flags.DEFINE_bool("search_batch", False, "plan: find the largest per-chip batch that fits.")
-flags.DEFINE_bool("measure", False, "plan --topology=local: also time the compiled steps.")
-flags.DEFINE_float("pipeline_clips_per_core", None, "plan: measured input-pipeline rate (training clips/s per host "
-                   "core, from benchmarks/bench_input_pipeline.py): report the host cores and storage bandwidth "
-                   "per chip needed to feed the step.")
+_flag(("plan",), flags.DEFINE_string, "topology", None, "a TPU slice (v5e:2x2, v4:2x2x1, ...) or 'local' (default).")
+_flag(("plan",), flags.DEFINE_string, "json", None, "also write the report as JSON here.")
+_flag(("plan",), flags.DEFINE_bool, "search_batch", False, "find the largest per-chip batch that fits.")
+_flag(("plan",), flags.DEFINE_bool, "measure", False, "with --topology=local: also time the compiled steps.")
+_flag(("plan",), flags.DEFINE_float, "pipeline_clips_per_core", None,
+      "measured input-pipeline rate (training clips/s per host core, from benchmarks/bench_input_pipeline.py): "
+      "report the host cores and storage bandwidth per chip needed to feed the step.")
+# make_shards.
+_flag(("make_shards",), flags.DEFINE_string, "csv", None, "CSV of `path,label` lines.")
+_flag(("make_shards",), flags.DEFINE_string, "video_root", None, "directory the CSV paths are relative to.")
+_flag(("make_shards",), flags.DEFINE_integer, "num_shards", 16, "number of TFRecord files.")
+_flag(("make_shards",), flags.DEFINE_integer, "short_side", 256, "resize frames to this short side (0: keep).")
+_flag(("make_shards",), flags.DEFINE_float, "max_fps", 0, "keep at most this many frames per second (0: all).")
+_flag(("make_shards",), flags.DEFINE_integer, "frames_per_video", 0,
+      "keep this many frames of each video, at the centres of as many equal segments (0: every frame).")
+_flag(("make_shards",), flags.DEFINE_integer, "jpeg_quality", 90, "JPEG quality of the stored frames.")
+_flag(("make_shards",), flags.DEFINE_integer, "workers", max(1, os.cpu_count() or 1), "parallel processes.")
+_flag(("make_shards",), flags.DEFINE_string, "label_map", None, "existing labels.txt to reuse (e.g. train's for val).")
+_flag(("make_shards",), flags.DEFINE_integer, "shuffle_seed", 0, "seed of the video -> shard assignment.")
+for _command in _WITH_CONFIG:
+  COMMAND_FLAGS[_command].add("config")
 
 
 def config_names() -> list[str]:
@@ -197,88 +241,105 @@ def _init_distributed() -> None:
                jax.local_device_count(), jax.device_count(), jax.default_backend())
 
 
-def _official_defaults():
-  from vfocal_jax.configs import default  # pylint: disable=import-outside-toplevel
-  return default.get_config()
+def _user_config(config, overrides: frozenset[str]):
+  from vfocal_jax import resolve  # pylint: disable=import-outside-toplevel
+  return resolve.UserConfig(config, given=FLAGS["config"].present > 0, overrides=overrides)
 
 
-def run_command(command: str, config, *, config_given: bool, overrides: frozenset[str]) -> None:
-  """Runs one command with parsed flags."""
+def _required(name: str, why: str) -> str:
+  value = getattr(FLAGS, name)
+  if not value:
+    raise errors.FlagError(f"--{name} is required: {why}")
+  return value
+
+
+def run_command(command: str, config, *, overrides: frozenset[str]) -> None:
+  """Runs one command: resolves what the flags name (config, artifact) once, then calls the library with values."""
+  from vfocal_jax import resolve  # pylint: disable=import-outside-toplevel
+  user = _user_config(config, overrides)
+  if command == "make_shards":
+    from vfocal_jax.data import make_shards
+    make_shards.make_shards(_required("csv", "the `path,label` list of videos"),
+                            _required("output_dir", "where the shards go"), FLAGS.num_shards,
+                            video_root=FLAGS.video_root, short_side=FLAGS.short_side or None,
+                            max_fps=FLAGS.max_fps or None, jpeg_quality=FLAGS.jpeg_quality,
+                            frames_per_video=FLAGS.frames_per_video, workers=FLAGS.workers,
+                            label_map=FLAGS.label_map, shuffle_seed=FLAGS.shuffle_seed)
+    return
+  from vfocal_jax import artifacts  # pylint: disable=import-outside-toplevel
+  artifacts.model_kwargs(config.model)  # Names a bad model field before anything runs.
   if command == "summary":
     from vfocal_jax import summary
     summary.print_summary(config.model, num_frames=config.num_frames, image_size=config.image_size)
-    return
-  if command == "plan":
+  elif command == "plan":
     from vfocal_jax import plan
     plan.run(config, topology=FLAGS.topology, json_path=FLAGS.json, search_batch=FLAGS.search_batch,
              measure=FLAGS.measure, pipeline_clips_per_core=FLAGS.pipeline_clips_per_core)
-    return
-  if command == "convert":
+  elif command == "convert":
     from vfocal_jax.convert import cli
-    cli.run(config=config if config_given else _official_defaults(), pth=FLAGS.pth, output_dir=FLAGS.output_dir,
+    cli.run(config=config if user.given else None, pth=FLAGS.pth, output_dir=FLAGS.output_dir,
             variant=FLAGS.variant, to_torch=FLAGS.to_torch, checkpoint=FLAGS.checkpoint, workdir=FLAGS.workdir,
-            allow_partial=FLAGS.allow_partial, imagenet=FLAGS.imagenet, labels=FLAGS.labels,
-            config_given=config_given)
-    return
-  if command == "export":
+            allow_partial=FLAGS.allow_partial, imagenet=FLAGS.imagenet, labels=FLAGS.labels)
+  elif command == "export":
     from vfocal_jax.export import writer
-    writer.run(config if config_given or overrides else None, checkpoint=FLAGS.checkpoint, workdir=FLAGS.workdir,
-               output_dir=FLAGS.output_dir, overwrite=FLAGS.overwrite, config_given=config_given,
-               overrides=overrides)
-    return
-  if FLAGS.workdir is None and command == "train":
-    raise app.UsageError("--workdir is required: checkpoints and metrics go there.")
-  _init_distributed()
-  artifact = dict(config_given=config_given, overrides=overrides)
-  if command == "train":
-    from vfocal_jax import train
-    from vfocal_jax import train_config
-    from vfocal_jax.data import demo_dataset
-    train_config.validate(config)  # Before the demo shards or anything else are written.
-    config = demo_dataset.prepare(config, FLAGS.workdir)
-    train.train_and_evaluate(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, overrides=overrides)
-  elif command == "eval":
-    from vfocal_jax import evaluate
-    evaluate.evaluate_checkpoint(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, **artifact)
-  elif command == "predict":
-    from vfocal_jax import predict
-    predict.run(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, videos=FLAGS.video,
-                labels=FLAGS.labels, output_csv=FLAGS.output_csv, exported=FLAGS.exported, **artifact)
-  elif command == "visualize":
-    from vfocal_jax import visualize
-    visualize.run(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, videos=FLAGS.video,
-                  output_dir=FLAGS.output_dir, labels=FLAGS.labels, **artifact)
+    if not (user.given or overrides):  # Float32 and everything from the card.
+      user = resolve.UserConfig()
+    writer.run(resolve.artifact(user, checkpoint=FLAGS.checkpoint, workdir=FLAGS.workdir),
+               output_dir=FLAGS.output_dir, overwrite=FLAGS.overwrite)
+  else:
+    _init_distributed()
+    if command == "train":
+      from vfocal_jax import train
+      train.train_and_evaluate(config, _required("workdir", "checkpoints and metrics go there"),
+                               checkpoint=FLAGS.checkpoint)
+    elif command == "eval":
+      from vfocal_jax import evaluate
+      evaluate.evaluate_checkpoint(resolve.evaluation(user, checkpoint=FLAGS.checkpoint, workdir=FLAGS.workdir),
+                                   workdir=FLAGS.workdir)
+    elif command == "predict":
+      from vfocal_jax import predict
+      loaded = (resolve.exported(user, FLAGS.exported) if FLAGS.exported else
+                resolve.artifact(user, checkpoint=FLAGS.checkpoint, workdir=FLAGS.workdir))
+      predict.run(loaded, videos=FLAGS.video, labels=FLAGS.labels, output_csv=FLAGS.output_csv)
+    elif command == "visualize":
+      from vfocal_jax import visualize
+      loaded = resolve.artifact(user, checkpoint=FLAGS.checkpoint, workdir=FLAGS.workdir)
+      visualize.run(loaded, videos=FLAGS.video, output_dir=FLAGS.output_dir, labels=FLAGS.labels)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-  """Exceptions that mean the input was wrong (shown as one line), not that the program is."""
-  from vfocal_jax import predict  # pylint: disable=import-outside-toplevel
-  return (ValueError, OSError, KeyError, predict.PredictionFailed)
+def check_command_flags(command: str, argv: list[str]) -> None:
+  """A flag given on the command line that ``command`` does not take is a user error naming it and its commands."""
+  takes = COMMAND_FLAGS[command]
+  given = [name for name in sorted(set().union(*COMMAND_FLAGS.values())) if FLAGS[name].present]
+  if "config" not in takes and any(a.startswith("--config.") for a in argv):
+    given.append("config")
+  for name in given:
+    if name not in takes:
+      owners = [c for c in COMMANDS if name in COMMAND_FLAGS[c]]
+      raise errors.UserError(f"--{name} is a flag of {', '.join(owners)}, not of {command} "
+                             f"(its flags: {', '.join('--' + f for f in sorted(takes))})")
 
 
 def main(argv: list[str]) -> None:
   command = argv[1] if len(argv) > 1 else "train"
   if len(argv) > 2 or command not in COMMANDS:
-    raise app.UsageError(f"Unknown command {argv[1:]!r}; expected one of {COMMANDS}.")
-  config_given = FLAGS["config"].present > 0
+    _flag_error(ValueError(f"unknown command {' '.join(argv[1:])!r}; expected one of {', '.join(COMMANDS)}"))
   try:
-    from vfocal_jax import artifacts  # pylint: disable=import-outside-toplevel
-    artifacts.model_kwargs(FLAGS.config.model)  # Names a bad model field before anything runs.
-    run_command(command, FLAGS.config, config_given=config_given, overrides=explicit_overrides(sys.argv))
-  except _user_errors() as e:
+    check_command_flags(command, sys.argv)
+    run_command(command, FLAGS.config if command in _WITH_CONFIG else None,
+                overrides=explicit_overrides(sys.argv))
+  except errors.UserError as e:
     if FLAGS.traceback:
       raise
-    from vfocal_jax import predict  # pylint: disable=import-outside-toplevel
-    message = str(e).strip() if not isinstance(e, KeyError) else f"missing key {e}"
-    print(f"error: {message}" + ("" if isinstance(e, predict.PredictionFailed) else
-                                 "  (--traceback shows where)"), file=sys.stderr)
-    sys.exit(predict.EXIT_STATUS_FAILED if isinstance(e, predict.PredictionFailed) else EXIT_USER_ERROR)
+    hint = "  (--traceback shows where)" if e.exit_status == EXIT_USER_ERROR else ""
+    print(f"error: {str(e).strip()}{hint}", file=sys.stderr)
+    sys.exit(e.exit_status)
 
 
-def run() -> None:
-  """The console entry point (``vfocal``)."""
+def run(argv: list[str] | None = None) -> None:
+  """The console entry point (``vfocal``); ``argv`` replaces ``sys.argv`` (``python -m vfocal_jax.data.make_shards``)."""
   logging.set_verbosity(logging.INFO)
-  sys.argv = config_by_name(sys.argv)
+  sys.argv = config_by_name(list(argv) if argv is not None else sys.argv)
   _define_config_flag()
   app.run(main, flags_parser=_parse_flags)
 

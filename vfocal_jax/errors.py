@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["EXIT_USER_ERROR", "UserError", "ConfigError", "BadFileError", "MissingFileError", "MismatchError"]
+__all__ = ["EXIT_USER_ERROR", "UserError", "FlagError", "ConfigError", "BadFileError", "MissingFileError", "OutputExistsError",
+           "MismatchError"]
 
 EXIT_USER_ERROR = 2
 
@@ -25,6 +26,10 @@ class UserError(Exception):
   """Something the user gave us is wrong: printed as one line, exit status ``exit_status``."""
 
   exit_status = EXIT_USER_ERROR
+
+
+class FlagError(UserError, ValueError):
+  """A command-line flag that is missing, or whose value we cannot use: the message names the flag."""
 
 
 class ConfigError(UserError, ValueError):
@@ -48,6 +53,10 @@ class MissingFileError(UserError, FileNotFoundError):
 
   def __str__(self) -> str:  # OSError's own __str__ would print the args tuple.
     return self.args[0]
+
+
+class OutputExistsError(UserError, FileExistsError):
+  """An output path that already holds something we will not overwrite without being told to."""
 
 
 class MismatchError(UserError, ValueError):

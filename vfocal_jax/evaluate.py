@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vfocal_jax import artifacts, paths, sharding
+from vfocal_jax import artifacts, errors, paths, sharding
 from vfocal_jax import batch as batch_lib
 from vfocal_jax.metrics import EvalCounts
 
@@ -70,7 +70,8 @@ def run_eval(step_fn, params: Any, batches: Iterable[dict[str, np.ndarray]], mes
 def create_eval_iterator(config: ml_collections.ConfigDict, num_clips: int, num_crops: int):
   from vfocal_jax import input_pipeline
   if config.eval_batch_size % jax.process_count():
-    raise ValueError(f"eval_batch_size {config.eval_batch_size} does not divide over {jax.process_count()} processes.")
+    raise errors.ConfigError(f"--config.eval_batch_size={config.eval_batch_size}: does not divide over "
+                             f"{jax.process_count()} processes")
   return input_pipeline.create_eval_iterator(
       config.data, batch_size=config.eval_batch_size // jax.process_count(), num_frames=config.num_frames,
       image_size=config.image_size, num_clips=num_clips, num_crops=num_crops,
@@ -127,23 +128,15 @@ def write_results(directory: paths.PathLike, results: dict[str, Any]) -> str:
   return path
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, *, workdir: str | None, checkpoint: str | None = None,
-                        batches: Iterable[dict[str, np.ndarray]] | None = None, config_given: bool = False,
-                        overrides: Iterable[str] = ()) -> dict[str, Any]:
-  """Evaluates the latest checkpoint of ``workdir`` or a converted checkpoint (``checkpoint``).
+def evaluate_checkpoint(loaded: artifacts.Loaded, *, workdir: str | None = None,
+                        batches: Iterable[dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
+  """Multi-view evaluation of a loaded artifact (``resolve.evaluation``) on ``loaded.config``'s eval data.
 
-  The architecture, clip and views come from the artifact's model card
-  (``artifacts.load``); the data, batch size and mesh from ``config``. Without
-  eval data in ``config``, a workdir is evaluated on the split its run used.
-  Results go to ``workdir/eval_results.json`` (or next to the converted
-  checkpoint when no workdir is given).
+  The architecture, clip and views come from the artifact's model card; the
+  data, batch size and mesh from the config. Results go to
+  ``workdir/eval_results.json`` (or next to the artifact when no workdir is given).
   """
-  loaded = artifacts.load(config, checkpoint=checkpoint, workdir=None if checkpoint else workdir,
-                          config_given=config_given, overrides=overrides)
   config = loaded.config
-  if not checkpoint and not config.data.eval_shards and not config.data.tfds_name:
-    from vfocal_jax import checkpoints
-    config.data = checkpoints.read_config(workdir).data  # The split the run was evaluated on.
   mesh = sharding.create_mesh(config.mesh_shape)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), loaded.params)
   shardings = sharding.state_shardings(abstract, mesh, fsdp=config.fsdp, fsdp_min_size=config.fsdp_min_size)
@@ -152,5 +145,5 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, *, workdir: str | Non
                             num_crops=config.test_num_crops, batches=batches, class_names=loaded.card.class_names)
   results["checkpoint"] = loaded.source
   results["provenance"] = loaded.card.provenance
-  write_results(workdir or checkpoint, results)
+  write_results(workdir or loaded.source, results)
   return results

@@ -9,7 +9,6 @@ then re-initialised, which the log says.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import jax.numpy as jnp
@@ -18,9 +17,9 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from vfocal_jax import artifacts, model_card
+from vfocal_jax import artifacts, config_fields, model_card
 
-__all__ = ["classes_from_data", "check_pretrained", "load_params", "merge_pretrained"]
+__all__ = ["classes_from_data", "check_pretrained", "merge_pretrained"]
 
 
 def classes_from_data(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, list[str] | None]:
@@ -39,31 +38,21 @@ def classes_from_data(config: ml_collections.ConfigDict) -> tuple[ml_collections
   if len(names) != int(config.model.num_classes):
     logging.warning("The train data's label map has %d classes: model.num_classes %d -> %d.", len(names),
                     config.model.num_classes, len(names))
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.model.num_classes = len(names)
-    config.data.num_classes = len(names)
+    config = config_fields.updated(config, {"model.num_classes": len(names), "data.num_classes": len(names)})
   return config, names
 
 
-def check_pretrained(config: ml_collections.ConfigDict, source: str, *, overrides: Iterable[str] = ()) -> None:
+def check_pretrained(config: ml_collections.ConfigDict, source: str) -> None:
   """Checks the converted checkpoint or workdir ``source`` against ``config``'s model, reading only its card.
 
   Raises:
     model_card.CardMismatchError: an architecture field other than the class
-      count differs from the card (unless set explicitly with --config.model.FIELD).
+      count differs from the card (the weights would not fit).
   """
   card = artifacts.read_card(source, config)
   fields = [f for f in card.fields if f.startswith("model.") and f != "model.num_classes"]
-  artifacts.configure(config, card, config_given=True, overrides=overrides, fields=fields, source=source)
-
-
-def load_params(source: str) -> Any:
-  """Host parameters of the converted checkpoint or workdir ``source``."""
-  if artifacts.artifact_kind(source) == "converted":
-    from vfocal_jax import params_io  # pylint: disable=import-outside-toplevel
-    return params_io.load_params(source)
-  from vfocal_jax import checkpoints  # pylint: disable=import-outside-toplevel
-  return checkpoints.load_params_from_workdir(source)[0]
+  resolved = model_card.architecture_of(artifacts.build_model(config))
+  model_card.apply_card(config, card, config_given=True, fields=fields, source=source, resolved=resolved)
 
 
 def merge_pretrained(params: Any, pretrained: Any) -> tuple[Any, list[str]]:

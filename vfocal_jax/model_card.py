@@ -20,7 +20,7 @@ from typing import Any
 
 import ml_collections
 
-from vfocal_jax import errors, file_checks, paths
+from vfocal_jax import config_fields, errors, file_checks, paths
 from vfocal_jax.file_checks import BadFileError
 
 __all__ = ["CARD_FILE", "ARCHITECTURE_FIELDS", "CLIP_FIELDS", "PREPROCESSING_FIELDS", "ModelCard",
@@ -144,25 +144,6 @@ def _jsonable(value: Any) -> Any:
   return value
 
 
-def get_field(config: ml_collections.ConfigDict, path: str, default: Any = None) -> Any:
-  node = config
-  for part in path.split("."):
-    if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
-      return default
-    node = node[part]
-  return node
-
-
-def set_field(config: ml_collections.ConfigDict, path: str, value: Any) -> None:
-  *parents, leaf = path.split(".")
-  node = config
-  for part in parents:
-    if part not in node:
-      node[part] = ml_collections.ConfigDict()
-    node = node[part]
-  node[leaf] = list(value) if isinstance(value, tuple) else value
-
-
 def architecture_of(model: Any) -> dict[str, Any]:
   """``{'model.FIELD': value}`` of a built VideoFocalNet, for the architecture fields."""
   return {f"model.{name}": _tuples(list(v)) if isinstance(v := getattr(model, name), (list, tuple)) else v
@@ -175,13 +156,13 @@ def card_from_config(config: ml_collections.ConfigDict, model: Any, *, class_nam
   fields = architecture_of(model)
   fields["model.variant"] = "custom"
   for path in CLIP_FIELDS + PREPROCESSING_FIELDS:
-    fields[path] = _tuples(get_field(config, path))
+    fields[path] = _tuples(config_fields.get(config, path))
   missing = sorted(p for p, v in fields.items() if v is None)
   if missing:
     raise ValueError(f"Cannot write a model card: the config has no {', '.join(missing)}.")
   names = list(class_names) if class_names else None
   if names is not None and len(names) != int(model.num_classes):
-    raise ValueError(f"{len(names)} class names for a {model.num_classes}-class model.")
+    raise errors.MismatchError(f"{len(names)} class names for a {model.num_classes}-class model")
   return ModelCard(fields=fields, class_names=names, provenance=dict(provenance or {}))
 
 
@@ -199,7 +180,7 @@ def _same(a: Any, b: Any) -> bool:
 def apply_card(config: ml_collections.ConfigDict, card: ModelCard, *, config_given: bool,
                overrides: Iterable[str] = (), fields: Iterable[str] | None = None, source: str = "",
                resolved: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
-  """A copy of ``config`` with the card's fields, or an error naming each field that disagrees.
+  """A copy of ``config`` (its lock kept) with the card's fields, or an error naming each field that disagrees.
 
   Args:
     config: the user's config (or the default one when ``config_given`` is False).
@@ -216,27 +197,26 @@ def apply_card(config: ml_collections.ConfigDict, card: ModelCard, *, config_giv
   """
   overrides = set(overrides)
   wanted = list(card.fields) if fields is None else [f for f in fields if f in card.fields]
-  out = ml_collections.ConfigDict(config.to_dict())
-  mismatches = []
+  updates, mismatches = {}, []
   for path in wanted:
     value = card.fields[path]
     if path == "model.variant":
       continue
-    current = (resolved or {}).get(path, get_field(config, path))
+    current = (resolved or {}).get(path, config_fields.get(config, path))
     if path in overrides:
       continue
     if config_given and current is not None and not _same(current, value):
       mismatches.append(f"{path}: the config says {current!r}, the model card says {value!r}")
       continue
-    set_field(out, path, value)
+    updates[path] = value
   if mismatches:
     flags = " ".join(f"--config.{m.split(':')[0]}=..." for m in mismatches[:3])
     raise CardMismatchError(
         f"The config disagrees with the model card of {source or 'the checkpoint'}: " + "; ".join(mismatches)
         + f". Drop --config to use the card, or override explicitly ({flags}).")
-  if "model" in out and "variant" in out.model and any(p.startswith("model.") for p in wanted):
-    out.model.variant = "custom"  # Every architecture field now comes from the card.
-  return out
+  if "model" in config and "variant" in config.model and any(p.startswith("model.") for p in wanted):
+    updates["model.variant"] = "custom"  # Every architecture field now comes from the card.
+  return config_fields.updated(config, updates, new_fields=True)
 
 
 def read_card(directory: paths.PathLike) -> ModelCard | None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -28,11 +28,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vfocal_jax import artifacts, errors, model_card, paths
+from vfocal_jax import artifacts, errors, paths
 from vfocal_jax import batch as batch_lib
 
 __all__ = ["read_video_list", "read_class_names", "video_views", "make_predict_fn", "predict_videos",
-           "predict_exported_videos", "classify_videos", "exported_config", "write_csv", "run", "top_classes",
+           "predict_exported_videos", "classify_videos", "write_csv", "run", "top_classes",
            "PredictionFailed"]
 
 TOP_K = 5
@@ -41,7 +41,9 @@ MAX_CLIPS_PER_CALL = 12  # Default batch: videos x views per jitted call.
 
 
 class PredictionFailed(errors.UserError, RuntimeError):
-  """Some videos could not be predicted (the others were, and were printed)."""
+  """Some videos could not be predicted (the others were, and were printed): exit status 1."""
+
+  exit_status = EXIT_STATUS_FAILED
 
 
 # --- Inputs. ----------------------------------------------------------------------------------
@@ -230,46 +232,29 @@ def write_csv(results: Sequence[dict[str, Any]], path: str) -> str:
   return paths.write_text(path, out.getvalue())
 
 
-def exported_config(card: dict[str, Any], config: ml_collections.ConfigDict | None = None, *,
-                    config_given: bool = False, overrides: Iterable[str] = (), source: str = ""
-                    ) -> ml_collections.ConfigDict:
-  """The clip and view fields of an export's card applied to `config` (as `artifacts.load` applies them)."""
-  card_fields = model_card.ModelCard.from_json(card, source=source)
-  config = ml_collections.ConfigDict(config.to_dict() if config is not None else {})
-  return model_card.apply_card(config, card_fields, config_given=config_given, overrides=overrides,
-                               fields=model_card.CLIP_FIELDS + model_card.PREPROCESSING_FIELDS, source=source)
-
-
-def run(config: ml_collections.ConfigDict | None, *, workdir: str | None = None, checkpoint: str | None = None,
-        videos: Sequence[str] | str | None = None, labels: str | None = None, output_csv: str | None = None,
-        batch_size: int | None = None, config_given: bool = False, overrides: Iterable[str] = (),
-        exported: str | None = None) -> list[dict[str, Any]]:
+def run(loaded: artifacts.Loaded, *, videos: Sequence[str] | str | None = None, labels: str | None = None,
+        output_csv: str | None = None, batch_size: int | None = None) -> list[dict[str, Any]]:
   """The `predict` command: prints the top-5 of each video, optionally writes a CSV.
 
-  `exported`: an `export` directory, run through `vfocal_jax.export.load` instead of Flax.
+  `loaded`: a Flax artifact (`resolve.artifact`) or an export (`resolve.exported`, whose
+  `params` are None: the weights are inside the exported model).
 
   Raises:
     PredictionFailed: after printing (and writing) the others, when any video failed.
   """
   if not videos:
-    raise ValueError("predict needs --video=PATH[,PATH...] (or one .csv of paths).")
+    raise errors.FlagError("predict needs --video=PATH[,PATH...] (or one .csv of paths)")
   video_paths = read_video_list(videos)
   if not video_paths:
-    raise ValueError(f"No video paths in --video={videos!r}.")
-  if exported:
-    from vfocal_jax import export  # pylint: disable=import-outside-toplevel
-    model = export.load(exported)
-    c = exported_config(model.card, config, config_given=config_given, overrides=overrides, source=exported)
-    names = read_class_names(labels, model.num_classes, model.class_names)
-    source = f"{exported} (exported)"
-    classify = functools.partial(predict_exported_videos, model, c)
+    raise errors.FlagError(f"--video={videos}: no video paths")
+  c = loaded.config
+  if loaded.params is None:
+    names = read_class_names(labels, loaded.model.num_classes, loaded.model.class_names)
+    classify = functools.partial(predict_exported_videos, loaded.model, c)
   else:
-    loaded = artifacts.load(config, checkpoint=checkpoint, workdir=None if checkpoint else workdir,
-                            config_given=config_given, overrides=overrides)
     names = read_class_names(labels, int(loaded.model.num_classes), loaded.card.class_names)
-    c, source = loaded.config, loaded.source
     classify = functools.partial(predict_videos, loaded)
-  print(f"Model: {source}  ({c.num_frames} frames x {c.image_size}px, "
+  print(f"Model: {loaded.source}  ({c.num_frames} frames x {c.image_size}px, "
         f"{c.test_num_clips} clips x {c.test_num_crops} crops per video)")
   results = classify(video_paths, batch_size=batch_size, class_names=names)
   for r in results:

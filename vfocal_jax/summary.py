@@ -34,19 +34,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vfocal_jax import artifacts
+
 __all__ = [
     "count_params", "count_macs", "count_jaxpr_macs", "count_layernorm_ops", "xla_flops",
-    "summarize", "print_summary", "build_model",
+    "summarize", "print_summary",
 ]
 
 DEFAULT_IMAGE_SIZE = 224
-
-
-def build_model(model_config: Any, **overrides: Any) -> nn.Module:
-  """`create_model(**model_config, **overrides)`; model_config is a dict or ConfigDict."""
-  from vfocal_jax.artifacts import model_kwargs  # pylint: disable=import-outside-toplevel
-  from vfocal_jax.models import create_model  # pylint: disable=import-outside-toplevel
-  return create_model(**{**model_kwargs(model_config or {}), **overrides})
 
 
 def count_params(params: Any) -> int:
@@ -59,12 +54,6 @@ def _video_spec(model: nn.Module, num_frames: int | None, image_size: int | None
   t = num_frames or getattr(model, "num_frames", 8)
   s = image_size or DEFAULT_IMAGE_SIZE
   return jax.ShapeDtypeStruct((batch, t, s, s, 3), jnp.float32)
-
-
-def abstract_params(model: nn.Module, video: jax.ShapeDtypeStruct) -> Any:
-  """The params pytree as `ShapeDtypeStruct`s (no allocation)."""
-  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), video)
-  return variables["params"]
 
 
 def _sub_jaxprs(value: Any):
@@ -158,10 +147,10 @@ def xla_flops(model: nn.Module, params: Any, video: jax.ShapeDtypeStruct) -> flo
 def summarize(model_config: Any, num_frames: int | None = None, image_size: int | None = None,
               *, with_xla: bool = False) -> dict[str, Any]:
   """Params, MACs (matmul + conv), thop-convention ops and optionally XLA flops per view."""
-  model = build_model(model_config, depthwise_impl="xla", dtype=jnp.float32,
-                      param_dtype=jnp.float32, remat=False)
+  model = artifacts.model_from_fields(model_config, depthwise_impl="xla", dtype=jnp.float32,
+                                     param_dtype=jnp.float32, remat=False)
   video = _video_spec(model, num_frames, image_size)
-  params = abstract_params(model, video)
+  params = artifacts.abstract_params(model, video.shape[1], video.shape[2])
   macs = count_macs(model, params, video)
   ln_ops = count_layernorm_ops(model, params, video)
   # thop's AdaptiveAvgPool1d of the last stage: (H*W + 1) * C per frame (tiny).
@@ -190,8 +179,7 @@ def _fmt(value: float) -> str:
 def print_summary(model_config: Any, num_frames: int | None = None,
                   image_size: int | None = None) -> dict[str, Any]:
   """Prints params and GMACs per view of `create_model(**model_config)`; returns the figures."""
-  from vfocal_jax.artifacts import model_kwargs  # pylint: disable=import-outside-toplevel
-  kwargs = model_kwargs(model_config)
+  kwargs = artifacts.model_kwargs(model_config)
   s = summarize(kwargs, num_frames, image_size, with_xla=True)
   _, t, h, w, _ = s["video_shape"]
   print(f"Video-FocalNet {kwargs.get('variant', 'tiny')} "

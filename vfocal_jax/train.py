@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +32,9 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vfocal_jax import artifacts, checkpoints, evaluate, finetune, loop_actions, mixup, model_card, optim, paths, pixels
-from vfocal_jax import sharding, train_config
+from vfocal_jax import errors, sharding, train_config
 from vfocal_jax import batch as batch_lib
+from vfocal_jax.data import demo_dataset
 from vfocal_jax.loop_actions import CURVES_PNG, NonFiniteLossError  # noqa: F401  (part of this module's API)
 from vfocal_jax.metrics import MetricWindow, TrainMetrics
 from vfocal_jax.models.layers import resolve_depthwise_impl
@@ -225,7 +226,8 @@ class Trainer:
 
 def _local_batch_size(global_batch: int) -> int:
   if global_batch % jax.process_count():
-    raise ValueError(f"Global batch {global_batch} does not divide over {jax.process_count()} processes.")
+    raise errors.ConfigError(f"--config.batch_size: the global batch {global_batch} does not divide over "
+                             f"{jax.process_count()} processes")
   return global_batch // jax.process_count()
 
 
@@ -249,15 +251,15 @@ def steps_per_epoch_for(config: ml_collections.ConfigDict) -> int:
                       config.num_train_steps)
       return int(config.num_train_steps)
     if not n:
-      raise ValueError("The train split size is unknown (no dataset_info.json beside the shards): "
-                       "set --config.num_train_examples or --config.num_train_steps.")
+      raise errors.ConfigError("the train split size is unknown (no dataset_info.json beside the shards): "
+                               "set --config.num_train_examples or --config.num_train_steps")
     n = int(n)
   return max(n // (config.batch_size * max(config.accumulation_steps, 1)), 1)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str | None = None,
                        *, train_iter=None, steps_per_epoch: int | None = None,
-                       overrides: Iterable[str] = (), exit_on_preemption: bool = True) -> dict[str, Any]:
+                       exit_on_preemption: bool = True) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints), then evaluates.
 
   Args:
@@ -268,8 +270,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoi
       the head, re-initialised when the class count differs.
     train_iter: an iterator of local batches to use instead of the pipeline (tests).
     steps_per_epoch: overrides the count from the split size (tests).
-    overrides: config fields the user set explicitly (they may differ from the
-      fine-tuning checkpoint's model card).
     exit_on_preemption: on SIGTERM, end the process with ``EXIT_PREEMPTED``
       once the checkpoint has committed (at once when nothing would be lost);
       False returns instead (in-process use).
@@ -286,23 +286,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoi
     checkpoints.CheckpointWriteError: a checkpoint could not be written (full disk).
   """
   train_config.validate(config)
+  config = demo_dataset.prepare(config, workdir)  # The demo config's shards, written once (after the checks).
   preemption = Preemption(exit_process=exit_on_preemption)
   try:
     preemption.idle(f"start-up: {checkpoints.describe_latest(paths.join(workdir, checkpoints.CHECKPOINT_DIR))}, "
                     "nothing else to lose")
     return _train_and_evaluate(config, workdir, checkpoint, train_iter=train_iter, steps_per_epoch=steps_per_epoch,
-                               overrides=overrides, preemption=preemption)
+                               preemption=preemption)
   finally:
     preemption.close()
 
 
-def _train_and_evaluate(config, workdir, checkpoint, *, train_iter, steps_per_epoch, overrides,
+def _train_and_evaluate(config, workdir, checkpoint, *, train_iter, steps_per_epoch,
                         preemption: Preemption) -> dict[str, Any]:
   quiet_orbax_logs()
   config, class_names = finetune.classes_from_data(config)
   init_from = checkpoint or config.init_checkpoint or None
   if init_from:  # Before anything is written: the checkpoint's architecture must be the config's.
-    finetune.check_pretrained(config, init_from, overrides=overrides)
+    finetune.check_pretrained(config, init_from)
   if steps_per_epoch is None:
     steps_per_epoch = steps_per_epoch_for(config)
   trainer = Trainer(config, steps_per_epoch)
@@ -326,7 +327,7 @@ def _train_and_evaluate(config, workdir, checkpoint, *, train_iter, steps_per_ep
   if state is None:
     state = trainer.init_state()
     if init_from:  # A fresh run; a resumed one has its own weights (the source may even be gone).
-      merged, reinit = finetune.merge_pretrained(sharding.to_host(state.params), finetune.load_params(init_from))
+      merged, reinit = finetune.merge_pretrained(sharding.to_host(state.params), artifacts.load_params(init_from)[0])
       logging.info("Fine-tuning from %s; re-initialised (%d classes here, the checkpoint's head differs, or "
                    "missing there): %s", init_from, trainer.num_classes, reinit or "nothing")
       state = trainer.place_params(state, merged)

@@ -25,16 +25,15 @@ from __future__ import annotations
 import functools
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from vfocal_jax import artifacts, paths, pixels, plots, predict
+from vfocal_jax import artifacts, config_fields, errors, paths, pixels, plots, predict
 
 __all__ = ["modulator_magnitudes", "select_layers", "upsample", "plot_modulators",
            "plot_top5", "visualize_video", "run"]
@@ -87,7 +86,7 @@ def select_layers(maps: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarra
   """The first and last layer's spatial and temporal maps: `[(row title, path, (T', h, w)), ...]`."""
   by_kind: dict[str, list[str]] = {k: sorted((p for p in maps if p.endswith(k)), key=_stage_block) for k in KINDS}
   if not any(by_kind.values()):
-    raise ValueError("The model sowed no spatial_modulator / temporal_modulator intermediates.")
+    raise RuntimeError("The model sowed no spatial_modulator / temporal_modulator intermediates.")
   rows = []
   for position, pick in (("first", 0), ("last", -1)):
     for kind in KINDS:
@@ -161,8 +160,7 @@ def visualize_video(loaded: artifacts.Loaded, frames: np.ndarray, output_dir: st
                     class_names: Sequence[str] | None = None) -> dict[str, Any]:
   """Writes the two PNGs of one decoded video; returns their paths, the maps and the top-5."""
   config = loaded.config
-  one_view = ml_collections.ConfigDict(config.to_dict())
-  one_view.test_num_clips, one_view.test_num_crops = 1, 1
+  one_view = config_fields.updated(config, {"test_num_clips": 1, "test_num_crops": 1})
   clip, affine = predict.video_views(frames, one_view)
   _, maps = modulator_magnitudes(loaded.model, loaded.params, clip[0], affine)
   rows = select_layers(maps)
@@ -188,9 +186,8 @@ def _name_for(path: str, used: set[str]) -> str:
   return name
 
 
-def run(config: ml_collections.ConfigDict | None, *, workdir: str | None = None, checkpoint: str | None = None,
-        videos: Sequence[str] | str | None = None, output_dir: str | None = None, labels: str | None = None,
-        config_given: bool = False, overrides: Iterable[str] = ()) -> list[dict[str, Any]]:
+def run(loaded: artifacts.Loaded, *, videos: Sequence[str] | str | None = None, output_dir: str | None = None,
+        labels: str | None = None) -> list[dict[str, Any]]:
   """The `visualize` command: PNGs per video in `output_dir`; unreadable videos are reported.
 
   Raises:
@@ -198,12 +195,10 @@ def run(config: ml_collections.ConfigDict | None, *, workdir: str | None = None,
   """
   from vfocal_jax.input_pipeline import decode_video_file  # pylint: disable=import-outside-toplevel
   if not videos:
-    raise ValueError("visualize needs --video=PATH[,PATH...].")
+    raise errors.FlagError("visualize needs --video=PATH[,PATH...]")
   if not output_dir:
-    raise ValueError("visualize needs --output_dir=DIR for the PNG figures.")
+    raise errors.FlagError("visualize needs --output_dir=DIR for the PNG figures")
   video_paths = predict.read_video_list(videos)
-  loaded = artifacts.load(config, checkpoint=checkpoint, workdir=None if checkpoint else workdir,
-                          config_given=config_given, overrides=overrides)
   names = predict.read_class_names(labels, int(loaded.model.num_classes), loaded.card.class_names)
   results, used = [], set()
   for path in video_paths:

@@ -28,7 +28,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vfocal_jax import artifacts, errors, model_card, params_io, paths
+from vfocal_jax import artifacts, config_fields, errors, model_card, params_io, paths
 from vfocal_jax.convert.torch_pickle import load_torch_checkpoint
 
 __all__ = ["run", "infer_model_kwargs", "convert_state_dict", "VariantMismatchError"]
@@ -174,9 +174,10 @@ def _sha256(path: str) -> str:
 def _to_torch(config: ml_collections.ConfigDict, to_torch: str, source: str | None) -> None:
   from vfocal_jax.convert.safetensors_io import flax_to_torch  # pylint: disable=import-outside-toplevel
   if not source:
-    raise ValueError("convert --to_torch=FILE.safetensors needs --checkpoint=CONVERTED_DIR "
-                     "(from `main.py convert --pth`) or --workdir=TRAINING_WORKDIR")
-  loaded = artifacts.load(config, checkpoint=source)
+    raise errors.FlagError("convert --to_torch=FILE.safetensors needs --checkpoint=CONVERTED_DIR "
+                           "(from `main.py convert --pth`) or --workdir=TRAINING_WORKDIR")
+  from vfocal_jax import resolve  # pylint: disable=import-outside-toplevel
+  loaded = resolve.artifact(resolve.UserConfig(config), checkpoint=source)
   tensors = flax_to_torch({"params": loaded.params}, loaded.model, to_torch,
                           metadata={"format": "pt", "source": str(paths.resolve(source))})
   print(f"Wrote {len(tensors)} tensors ({sum(v.size for v in tensors.values()):,} parameters) "
@@ -184,26 +185,33 @@ def _to_torch(config: ml_collections.ConfigDict, to_torch: str, source: str | No
   print("  PyTorch: model.load_state_dict(safetensors.torch.load_file(path))")
 
 
-def run(*, config: ml_collections.ConfigDict, pth: str | None = None, output_dir: str | None = None,
+def run(*, config: ml_collections.ConfigDict | None = None, pth: str | None = None, output_dir: str | None = None,
         variant: str | None = None, to_torch: str | None = None, checkpoint: str | None = None,
         workdir: str | None = None, allow_partial: bool = False, imagenet: bool = False,
-        labels: str | None = None, config_given: bool = False) -> str | None:
+        labels: str | None = None) -> str | None:
   """The `convert` command (see the module doc); errors say which flag fixes them.
+
+  ``config``: the config the user named, whose model the weights must be; None: the
+  official defaults, with the architecture read from the weights.
 
   Returns the converted checkpoint's path (None for ``--to_torch``).
   """
+  config_given = config is not None
+  if config is None:
+    from vfocal_jax.configs import default  # pylint: disable=import-outside-toplevel
+    config = default.get_config()
   if to_torch:
     _to_torch(config, to_torch, checkpoint or workdir)
     return None
   if not pth:
-    raise ValueError("convert needs --pth=FILE.pth (and --output_dir=DIR), "
-                     "or --to_torch=FILE.safetensors with --checkpoint=DIR")
+    raise errors.FlagError("convert needs --pth=FILE.pth (and --output_dir=DIR), "
+                           "or --to_torch=FILE.safetensors with --checkpoint=DIR")
   if not paths.resolve(pth).is_file():
-    raise FileNotFoundError(f"--pth={pth}: no such file")
+    raise errors.MissingFileError(f"--pth={pth}")
   if not output_dir:
-    raise ValueError("convert --pth needs --output_dir=DIR for the converted checkpoint")
+    raise errors.FlagError("convert --pth needs --output_dir=DIR for the converted checkpoint")
   if variant and variant not in ("tiny", "small", "base", "custom"):
-    raise ValueError(f"--variant={variant!r}: expected tiny, small, base or custom")
+    raise errors.FlagError(f"--variant={variant!r}: expected tiny, small, base or custom")
 
   print(f"Reading {pth} (no torch import, nothing from the file is executed)")
   state_dict = load_torch_checkpoint(pth)
@@ -224,8 +232,7 @@ def run(*, config: ml_collections.ConfigDict, pth: str | None = None, output_dir
     print("Partial load report:")
     _print_report(report)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.model = ml_collections.ConfigDict(model_kwargs)
+  config = config_fields.updated(config, {"model": ml_collections.ConfigDict(model_kwargs)}, new_fields=True)
   model = artifacts.build_model(config)
   class_names = None
   if labels:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from vfocal_jax import errors
+from vfocal_jax import artifacts, errors
 
 # Flax kernel (in..., out) -> torch weight, by number of dimensions.
 _TO_TORCH = {2: (1, 0), 3: (2, 1, 0), 4: (3, 2, 0, 1), 5: (4, 3, 0, 1, 2)}
@@ -65,13 +65,6 @@ def to_flax_layout(x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(np.transpose(x, _TO_FLAX[x.ndim])) if x.ndim >= 2 else np.asarray(x)
 
 
-def abstract_params(model: Any) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
-  """The model's parameter shapes by flat path, without allocating anything."""
-  video = jnp.zeros((1, model.num_frames, 32, 32, 3), jnp.float32)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), video))["params"]
-  return traverse_util.flatten_dict(shapes)
-
-
 def _init(model: Any, rng: jax.Array) -> Any:
   """Fresh variables of ``model`` (jitted: one compile instead of one per operation)."""
   return jax.jit(model.init)(rng, jnp.zeros((1, model.num_frames, 32, 32, 3)))
@@ -92,7 +85,8 @@ def torch_to_flax(state_dict: dict[str, np.ndarray], model: Any, *, allow_partia
   then keep a fresh initialisation.
   """
   _check_convertible(model)
-  want = {torch_key(path): (path, spec) for path, spec in abstract_params(model).items()}
+  shapes = traverse_util.flatten_dict(artifacts.abstract_params(model, model.num_frames, 32))
+  want = {torch_key(path): (path, spec) for path, spec in shapes.items()}
   loaded, shape_mismatch, mismatched_keys = {}, [], set()
   for key, value in state_dict.items():
     if key not in want:

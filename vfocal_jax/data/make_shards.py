@@ -1,9 +1,11 @@
 r"""Turns a folder of videos + a CSV (`path,label` per line) into TFRecord shards.
 
-    python -m vfocal_jax.data.make_shards --csv train.csv --video_root videos/ \
+    vfocal make_shards --csv train.csv --video_root videos/ \
         --output_dir shards/train --num_shards 64 [--short_side 256] \
         [--max_fps 30] [--frames_per_video 32] [--jpeg_quality 90] [--workers 8] \
         [--label_map shards/train/labels.txt]
+
+(or ``python -m vfocal_jax.data.make_shards ...``; the flags are declared in ``vfocal_jax/cli.py``).
 
 Each video is decoded with PyAV (FFmpeg), resized so its short side has
 `--short_side` pixels, JPEG-encoded frame by frame and written as one
@@ -49,6 +51,7 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TensorFlow is imported.
 import tensorflow as tf  # noqa: E402
 
+from vfocal_jax import errors  # noqa: E402
 from vfocal_jax.input_pipeline import shard_format, sources  # noqa: E402
 
 REPORT_FILENAME = "failed_videos.txt"
@@ -74,7 +77,7 @@ def read_csv(csv_path: str) -> list[tuple[str, str]]:
     if not line or line.startswith("#"):
       continue
     if "," not in line:
-      raise ValueError(f"{csv_path}:{line_no}: expected 'path,label', got {line!r}")
+      raise errors.BadFileError(f"{csv_path}:{line_no}", f"expected 'path,label', got {line!r:.80}")
     path, label = line.rsplit(",", 1)
     if line_no == 1 and label.strip().lower() == "label":
       continue
@@ -264,7 +267,7 @@ def make_shards(csv: str, output_dir: str, num_shards: int, *, video_root: str |
   entries = resolve_entries(rows, video_root, label_names)
   shards = assign_shards(entries, num_shards, shuffle_seed)
   if frames_per_video < 0:
-    raise ValueError(f"--frames_per_video={frames_per_video}: expected 0 (every frame) or a positive count.")
+    raise errors.FlagError(f"--frames_per_video={frames_per_video}: expected 0 (every frame) or a positive count")
   kwargs = dict(short_side=short_side, max_fps=max_fps, jpeg_quality=jpeg_quality)
   if frames_per_video:  # Not in the fingerprint at 0: shards written before the option stay valid.
     kwargs["frames_per_video"] = int(frames_per_video)
@@ -333,30 +336,6 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     return _NoBar()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  from absl import app, flags
-  flags.DEFINE_string("csv", None, "CSV of `path,label` lines.", required=True)
-  flags.DEFINE_string("video_root", None, "Directory the CSV paths are relative to.")
-  flags.DEFINE_string("output_dir", None, "Where the shards go.", required=True)
-  flags.DEFINE_integer("num_shards", 16, "Number of TFRecord files.")
-  flags.DEFINE_integer("short_side", 256, "Resize frames to this short side (0: keep).")
-  flags.DEFINE_float("max_fps", 0, "Keep at most this many frames per second (0: all).")
-  flags.DEFINE_integer("frames_per_video", 0, "Keep this many frames of each video, at the centres of as "
-                       "many equal segments (0: every frame).")
-  flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality of the stored frames.")
-  flags.DEFINE_integer("workers", max(1, (os.cpu_count() or 1)), "Parallel processes.")
-  flags.DEFINE_string("label_map", None, "Existing labels.txt to reuse (e.g. train's for val).")
-  flags.DEFINE_integer("shuffle_seed", 0, "Seed of the video -> shard assignment.")
-
-  def run(_):
-    f = flags.FLAGS
-    make_shards(f.csv, f.output_dir, f.num_shards, video_root=f.video_root,
-                short_side=f.short_side or None, max_fps=f.max_fps or None,
-                jpeg_quality=f.jpeg_quality, frames_per_video=f.frames_per_video, workers=f.workers, label_map=f.label_map,
-                shuffle_seed=f.shuffle_seed)
-
-  app.run(run, argv=list(argv) if argv else None)
-
-
-if __name__ == "__main__":
-  main()
+if __name__ == "__main__":  # The `vfocal make_shards` command (its flags: `vfocal make_shards --helpfull`).
+  from vfocal_jax import cli
+  cli.run([sys.argv[0], "make_shards", *sys.argv[1:]])

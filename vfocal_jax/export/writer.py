@@ -22,7 +22,7 @@ import dataclasses
 import io
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from unittest import mock
 
@@ -33,7 +33,7 @@ from absl import logging
 from jax import export as jax_export
 from jax import lax
 
-from vfocal_jax import artifacts, paths, pixels
+from vfocal_jax import artifacts, errors, paths, pixels
 from vfocal_jax.export import runtime
 
 __all__ = ["DEFAULT_PLATFORMS", "DEPTHWISE_IMPL", "clip_logits_fn", "views_probabilities_fn", "export_clip_fn",
@@ -188,13 +188,13 @@ def golden_clips(model: Any, params: Any, config: Any, clip_shape: Sequence[int]
 def _check_output_dir(output_dir: str, overwrite: bool) -> Any:
   """``OUT`` as a path; an existing non-empty one only with ``overwrite``, and only if it holds an export."""
   if not output_dir:
-    raise ValueError("export needs --output_dir=OUT (a new directory, local or gs://).")
+    raise errors.FlagError("export needs --output_dir=OUT (a new directory, local or gs://)")
   out = paths.resolve(output_dir)
   if out.exists() and any(True for _ in out.iterdir()):
     if not overwrite:
-      raise FileExistsError(f"--output_dir={output_dir} already exists: choose a new directory or pass --overwrite.")
+      raise errors.OutputExistsError(f"--output_dir={output_dir} already exists: choose a new directory or pass --overwrite")
     if not (out / runtime.MODEL_FILE).exists() and not (out / runtime.CARD_FILE).exists():
-      raise FileExistsError(f"--output_dir={output_dir} holds something other than an export (no "
+      raise errors.OutputExistsError(f"--output_dir={output_dir} holds something other than an export (no "
                             f"{runtime.MODEL_FILE}): --overwrite only replaces an export; choose a new directory.")
   return out
 
@@ -212,22 +212,19 @@ def _files_sha256(out: Any) -> dict[str, str]:
   return dict(sorted(found.items()))
 
 
-def run(config: Any = None, *, checkpoint: str | None = None, workdir: str | None = None,
-        output_dir: str | None = None, overwrite: bool = False, platforms: Sequence[str] = DEFAULT_PLATFORMS,
-        saved_model: bool = True, config_given: bool = False, overrides: Iterable[str] = ()) -> dict[str, Any]:
+def run(loaded: artifacts.Loaded, *, output_dir: str | None = None, overwrite: bool = False,
+        platforms: Sequence[str] = DEFAULT_PLATFORMS, saved_model: bool = True) -> dict[str, Any]:
   """The `export` command: writes ``OUT`` (see the module docstring); returns its card's ``export`` entry.
 
   Everything is computed before anything is written: a checkpoint that does not fit its card, or an
   existing ``OUT`` without ``overwrite``, leaves ``OUT`` as it was.
 
   Args:
-    config: None (float32, everything from the card), or the config to run with (``artifacts.load``:
-      e.g. ``model.dtype=bfloat16`` exports a bfloat16 forward; its logits stay float32).
+    loaded: the checkpoint or workdir with the config to run with (``resolve.artifact``: a config
+      with ``model.dtype=bfloat16`` exports a bfloat16 forward; its logits stay float32).
   """
   out = _check_output_dir(output_dir or "", overwrite)
   start = time.perf_counter()
-  loaded = artifacts.load(config, checkpoint=checkpoint, workdir=None if checkpoint else workdir,
-                          config_given=config_given, overrides=overrides)
   config = loaded.config
   clip_shape = (int(config.num_frames), int(config.image_size), int(config.image_size), 3)
   clip_fn = clip_logits_fn(loaded.model, config.data.mean, config.data.std)
