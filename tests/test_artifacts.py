@@ -20,7 +20,7 @@ from flax import traverse_util
 from multihost_worker import StreamIterator, tiny_config  # Also puts the repository root on sys.path.
 from benchmarks import torch_video_focalnet as tvf  # noqa: I001
 from reference_views import eval_views, write_video
-from vfocal_jax import artifacts, checkpoints, evaluate, model_card, params_io, predict, train
+from vfocal_jax import artifacts, checkpoints, evaluate, model_card, params_io, predict, resolve, train
 from vfocal_jax.configs import default, demo
 from vfocal_jax.convert import cli
 
@@ -45,7 +45,7 @@ def released(tmp_path_factory):
   labels = root / "labels.txt"
   labels.write_text("".join(f"class_{c}\n" for c in "abcde"))
   converted = cli.run(config=config, pth=str(root / "released.pth"), output_dir=str(root / "converted"),
-                      labels=str(labels), config_given=True)
+                      labels=str(labels), check_model=True)
   frames = np.random.default_rng(1).integers(0, 256, (11, SIZE, 48, 3)).astype(np.uint8)
   write_video(str(root / "clip.mkv"), frames)
   with torch.no_grad():
@@ -66,7 +66,8 @@ def test_card_records_model_clip_views_classes_and_provenance(released):
 
 def test_predict_with_only_checkpoint_and_video_matches_torch(released, tmp_path):
   """What `main.py predict --checkpoint=DIR --video=a.mkv` does: the demo config, not chosen by the user."""
-  results = predict.run(demo.get_config(), checkpoint=released["converted"], videos=released["video"])
+  results = predict.run(resolve.artifact(resolve.UserConfig(demo.get_config()), checkpoint=released["converted"]),
+                        videos=released["video"])
   (r,) = results
   assert r["error"] is None and r["num_views"] == CLIPS * CROPS
   np.testing.assert_allclose(r["probs"], released["probs"], atol=2e-6)
@@ -96,12 +97,12 @@ def test_a_config_that_disagrees_with_the_card_is_an_error_unless_overridden(rel
   config.image_size, config.test_num_clips, config.test_num_crops = SIZE, 1, 1
   with pytest.raises(model_card.CardMismatchError, match="num_frames: the config says 8, the model card says 4"
                      ) as info:
-    artifacts.load(config, checkpoint=released["converted"], config_given=True)
+    resolve.artifact(resolve.UserConfig(config, given=True), checkpoint=released["converted"])
   assert "test_num_clips" in str(info.value) and "--config.num_frames" in str(info.value)
   assert "embed_dim" not in str(info.value)
   config.num_frames = FRAMES
-  loaded = artifacts.load(config, checkpoint=released["converted"], config_given=True,
-                          overrides={"test_num_clips", "test_num_crops"})
+  user = resolve.UserConfig(config, given=True, overrides=frozenset({"test_num_clips", "test_num_crops"}))
+  loaded = resolve.artifact(user, checkpoint=released["converted"])
   assert (loaded.config.test_num_clips, loaded.config.num_frames) == (1, FRAMES)
 
 
@@ -109,7 +110,8 @@ def test_params_of_another_architecture_name_expected_and_found(released):
   config = demo.get_config()
   config.model.embed_dim = 16
   with pytest.raises(artifacts.ParamsMismatchError, match=r"head/kernel: expected \(128, 5\), found \(64, 5\)"):
-    artifacts.load(config, checkpoint=released["converted"], overrides={"model.embed_dim"})
+    resolve.artifact(resolve.UserConfig(config, overrides=frozenset({"model.embed_dim"})),
+                     checkpoint=released["converted"])
 
 
 def _fake_state_dict(embed_dim, depths):

@@ -248,11 +248,11 @@ CONVERTED_SCRIPT = r"""
 import sys
 import jax.numpy as jnp
 import numpy as np
-from vfocal_jax import artifacts
+from vfocal_jax import resolve
 from vfocal_jax.configs import demo
 from vfocal_jax.convert.mapping import flax_to_torch_state_dict
 checkpoint, video, out = sys.argv[1:4]
-loaded = artifacts.load(demo.get_config(), checkpoint=checkpoint)
+loaded = resolve.artifact(resolve.UserConfig(demo.get_config()), checkpoint=checkpoint)
 model = loaded.model.clone(dtype=jnp.float32)
 logits = model.apply({"params": loaded.params}, np.load(video), train=False)
 weights = flax_to_torch_state_dict({"params": loaded.params}, model)

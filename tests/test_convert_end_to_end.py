@@ -13,7 +13,7 @@ from safetensors import numpy as safetensors_numpy
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import torch_video_focalnet as tvf  # noqa: E402
-from vfocal_jax import artifacts, model_card, params_io  # noqa: E402
+from vfocal_jax import model_card, params_io, resolve  # noqa: E402
 from vfocal_jax.configs import default  # noqa: E402
 from vfocal_jax.convert import cli  # noqa: E402
 from vfocal_jax.convert import (  # noqa: E402
@@ -89,7 +89,7 @@ def test_pth_to_flax_logits_match_torch_and_back_bit_for_bit(tmp_path, tubelet, 
   card = model_card.read_card(tmp_path / "converted")
   assert card.fields["model.tubelet_size"] == tubelet and card.fields["num_frames"] == FRAMES
   assert card.fields["model.use_layerscale"] == layerscale and card.fields["model.embed_dim"] == ARCH["embed_dim"]
-  model = artifacts.load(None, checkpoint=str(tmp_path / "converted")).model
+  model = resolve.artifact(resolve.UserConfig(), checkpoint=str(tmp_path / "converted")).model
 
   video = _video()
   forward = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from reference_views import MEAN, STD, write_video
-from vfocal_jax import artifacts, model_card, params_io, predict
+from vfocal_jax import artifacts, model_card, params_io, predict, resolve
 from vfocal_jax.configs import default
 from vfocal_jax.export import runtime, writer
 
@@ -99,7 +99,7 @@ def exported(tmp_path_factory):
   card = model_card.card_from_config(config, model, class_names=list("abcde"))
   checkpoint = params_io.save_params(root / "converted", params, card)
   out = str(root / "out")
-  entry = writer.run(checkpoint=checkpoint, output_dir=out)
+  entry = writer.run(resolve.artifact(resolve.UserConfig(), checkpoint=checkpoint), output_dir=out)
 
   clips = np.random.default_rng(7).integers(0, 256, (3, FRAMES, SIZE, SIZE, 3)).astype(np.uint8)
   np.save(root / "clips.npy", clips)
@@ -189,8 +189,8 @@ def test_predict_through_the_export_matches_predict_with_flax(exported, tmp_path
   frames = np.random.default_rng(3).integers(0, 256, (9, SIZE, 40, 3)).astype(np.uint8)
   video = str(tmp_path / "clip.mkv")
   write_video(video, frames)
-  (flax_result,) = predict.run(None, checkpoint=exported["checkpoint"], videos=video)
-  (exported_result,) = predict.run(None, exported=exported["out"], videos=video)
+  (flax_result,) = predict.run(resolve.artifact(resolve.UserConfig(), checkpoint=exported["checkpoint"]), videos=video)
+  (exported_result,) = predict.run(resolve.exported(resolve.UserConfig(), exported["out"]), videos=video)
   assert exported_result["num_views"] == flax_result["num_views"] == 2
   np.testing.assert_allclose(exported_result["probs"], flax_result["probs"], rtol=0, atol=1e-5)
   assert exported_result["top"][0][1] == flax_result["top"][0][1]
@@ -209,7 +209,8 @@ def test_existing_output_is_kept_and_a_misfit_checkpoint_writes_nothing(exported
   other.mkdir()
   (other / "notes.txt").write_text("keep me")
   with pytest.raises(FileExistsError, match="only replaces an export"):
-    writer.run(checkpoint=exported["checkpoint"], output_dir=str(other), overwrite=True)
+    writer.run(resolve.artifact(resolve.UserConfig(), checkpoint=exported["checkpoint"]), output_dir=str(other),
+               overwrite=True)
   assert (other / "notes.txt").read_text() == "keep me"
 
   config = _config()  # The card says embed_dim 8; these parameters are of width 16.
@@ -219,5 +220,5 @@ def test_existing_output_is_kept_and_a_misfit_checkpoint_writes_nothing(exported
   misfit = params_io.save_params(tmp_path / "misfit", params16,
                                  model_card.card_from_config(config, artifacts.build_model(config)))
   with pytest.raises(artifacts.ParamsMismatchError, match="do not fit"):
-    writer.run(checkpoint=misfit, output_dir=str(tmp_path / "never"))
+    writer.run(resolve.artifact(resolve.UserConfig(), checkpoint=misfit), output_dir=str(tmp_path / "never"))
   assert not (tmp_path / "never").exists()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from reference_views import MEAN, STD, eval_views, write_video
-from vfocal_jax import artifacts, checkpoints, evaluate, model_card, params_io, predict
+from vfocal_jax import artifacts, checkpoints, evaluate, model_card, params_io, predict, resolve
 from vfocal_jax.configs import default, demo
 
 NUM_CLASSES = 5
@@ -73,12 +73,13 @@ def test_predict_matches_references_reports_failures_and_writes_csv(setup, tmp_p
   paths = [v0, setup["garbage"], v1, setup["missing"], v2]
   out_csv = str(tmp_path / "out" / "predictions.csv")
   with pytest.raises(predict.PredictionFailed, match="2 of 5"):
-    predict.run(demo.get_config(), checkpoint=setup["checkpoint"], videos=",".join(paths), output_csv=out_csv,
+    predict.run(resolve.artifact(resolve.UserConfig(demo.get_config()), checkpoint=setup["checkpoint"]),
+                videos=",".join(paths), output_csv=out_csv,
                 batch_size=2)
   printed = capsys.readouterr().out
   assert "3 of 5 videos predicted" in printed and setup["garbage"] in printed and setup["missing"] in printed
 
-  loaded = artifacts.load(demo.get_config(), checkpoint=setup["checkpoint"])
+  loaded = resolve.artifact(resolve.UserConfig(demo.get_config()), checkpoint=setup["checkpoint"])
   results = predict.predict_videos(loaded, paths, batch_size=2, class_names=CLASS_NAMES)
   assert [r["video"] for r in results] == paths
   for bad in (results[1], results[3]):
@@ -130,7 +131,7 @@ def test_predict_from_workdir_and_csv_list(setup, tmp_path):
   listing.write_text("path,label\n" + "".join(f"{os.path.basename(v)},0\n" for v in (v0, v1)))
   for v in (v0, v1):
     os.symlink(v, tmp_path / os.path.basename(v))
-  results = predict.run(None, workdir=workdir, videos=[str(listing)])
+  results = predict.run(resolve.artifact(resolve.UserConfig(), workdir=workdir), videos=[str(listing)])
   assert [os.path.basename(r["video"]) for r in results] == [os.path.basename(v) for v in (v0, v1)]
   for r, frames in zip(results, (f0, f1)):
     assert r["error"] is None and r["num_views"] == 1
@@ -143,7 +144,7 @@ def test_short_videos_warn_and_text_is_not_a_video(setup, tmp_path, caplog):
   write_video(str(short), np.full((2, SIZE, SIZE, 3), 100, np.uint8))
   text = tmp_path / "notes.txt"
   text.write_text("hello\n" * 40)
-  loaded = artifacts.load(None, checkpoint=setup["checkpoint"])
+  loaded = resolve.artifact(resolve.UserConfig(), checkpoint=setup["checkpoint"])
   with caplog.at_level("WARNING"):
     short_result, text_result = predict.predict_videos(loaded, [str(short), str(text)])
   assert short_result["error"] is None and "has 2 frames, fewer than the 4" in caplog.text

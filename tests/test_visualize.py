@@ -7,7 +7,7 @@ import pytest
 from flax import traverse_util
 from matplotlib import image as matplotlib_image
 
-from vfocal_jax import artifacts, model_card, params_io, plots, predict, visualize
+from vfocal_jax import artifacts, model_card, params_io, plots, predict, resolve, visualize
 from vfocal_jax.configs import default
 from vfocal_jax.data.demo_dataset import render_video, write_mp4
 
@@ -48,7 +48,8 @@ def test_visualize_figures_follow_the_input(converted, tmp_path):
     write_mp4(path, render_video(label, rng, num_frames=10, height=48, width=64))
     paths.append(path)
   out_dir = str(tmp_path / "figures")
-  results = visualize.run(None, checkpoint=converted["checkpoint"], videos=paths + [paths[0]], output_dir=out_dir)
+  loaded = resolve.artifact(resolve.UserConfig(), checkpoint=converted["checkpoint"])
+  results = visualize.run(loaded, videos=paths + [paths[0]], output_dir=out_dir)
 
   for r in results:
     assert r["error"] is None
@@ -79,7 +80,8 @@ def test_visualize_reports_unreadable_videos_and_fails(converted, tmp_path):
   bad = tmp_path / "broken.mp4"
   bad.write_bytes(b"\x00" * 100)
   with pytest.raises(predict.PredictionFailed, match="1 of 1"):
-    visualize.run(None, checkpoint=converted["checkpoint"], videos=[str(bad)], output_dir=str(tmp_path / "f"))
+    visualize.run(resolve.artifact(resolve.UserConfig(), checkpoint=converted["checkpoint"]), videos=[str(bad)],
+                  output_dir=str(tmp_path / "f"))
 
 
 def test_magnitudes_are_channel_norms_of_the_sown_modulators(converted):

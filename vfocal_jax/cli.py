@@ -241,6 +241,11 @@ def _init_distributed() -> None:
                jax.local_device_count(), jax.device_count(), jax.default_backend())
 
 
+def _official_defaults():
+  from vfocal_jax.configs import default  # pylint: disable=import-outside-toplevel
+  return default.get_config()
+
+
 def _user_config(config, overrides: frozenset[str]):
   from vfocal_jax import resolve  # pylint: disable=import-outside-toplevel
   return resolve.UserConfig(config, given=FLAGS["config"].present > 0, overrides=overrides)
@@ -277,7 +282,7 @@ def run_command(command: str, config, *, overrides: frozenset[str]) -> None:
              measure=FLAGS.measure, pipeline_clips_per_core=FLAGS.pipeline_clips_per_core)
   elif command == "convert":
     from vfocal_jax.convert import cli
-    cli.run(config=config if user.given else None, pth=FLAGS.pth, output_dir=FLAGS.output_dir,
+    cli.run(config=config if user.given else _official_defaults(), check_model=user.given, pth=FLAGS.pth, output_dir=FLAGS.output_dir,
             variant=FLAGS.variant, to_torch=FLAGS.to_torch, checkpoint=FLAGS.checkpoint, workdir=FLAGS.workdir,
             allow_partial=FLAGS.allow_partial, imagenet=FLAGS.imagenet, labels=FLAGS.labels)
   elif command == "export":

@@ -101,7 +101,7 @@ def variant_of(fields: Mapping[str, Any]) -> str:
 
 
 def resolve_model_kwargs(config: ml_collections.ConfigDict, variant: str | None, inferred: dict[str, Any], *,
-                         config_given: bool) -> dict[str, Any]:
+                         check_model: bool) -> dict[str, Any]:
   """The model to convert into: the weights' fields over ``--variant`` / the config's, which must agree."""
   base = dict(config.model.to_dict()) if "model" in config else {}
   if variant:
@@ -110,7 +110,7 @@ def resolve_model_kwargs(config: ml_collections.ConfigDict, variant: str | None,
   told = {f: getattr(artifacts.build_model(ml_collections.ConfigDict({"model": base})), f) for f in inferred}
   what = f"Video-FocalNet-{variant_of(inferred)} " if variant_of(inferred) != "custom" else ""
   weights = ", ".join(f"{k}={v!r}" for k, v in inferred.items() if k in _VARIANT_KEYS + ("num_classes",))
-  if (variant and variant != "custom") or (config_given and not variant):  # custom: whatever the weights are.
+  if (variant and variant != "custom") or (check_model and not variant):  # custom: whatever the weights are.
     wrong = [f"{k}={told[k]!r} (the weights have {v!r})" for k, v in inferred.items()
              if not model_card._same(tuple(told[k]) if isinstance(told[k], list) else told[k], v)  # pylint: disable=protected-access
              and (variant is None or k in _VARIANT_KEYS)]
@@ -185,21 +185,18 @@ def _to_torch(config: ml_collections.ConfigDict, to_torch: str, source: str | No
   print("  PyTorch: model.load_state_dict(safetensors.torch.load_file(path))")
 
 
-def run(*, config: ml_collections.ConfigDict | None = None, pth: str | None = None, output_dir: str | None = None,
+def run(*, config: ml_collections.ConfigDict, pth: str | None = None, output_dir: str | None = None,
         variant: str | None = None, to_torch: str | None = None, checkpoint: str | None = None,
         workdir: str | None = None, allow_partial: bool = False, imagenet: bool = False,
-        labels: str | None = None) -> str | None:
+        labels: str | None = None, check_model: bool = False) -> str | None:
   """The `convert` command (see the module doc); errors say which flag fixes them.
 
-  ``config``: the config the user named, whose model the weights must be; None: the
-  official defaults, with the architecture read from the weights.
+  ``config`` gives the clip, views and preprocessing of the card; with
+  ``check_model`` (the user named the config) its model must also be the
+  weights', else the architecture is read from the weights.
 
   Returns the converted checkpoint's path (None for ``--to_torch``).
   """
-  config_given = config is not None
-  if config is None:
-    from vfocal_jax.configs import default  # pylint: disable=import-outside-toplevel
-    config = default.get_config()
   if to_torch:
     _to_torch(config, to_torch, checkpoint or workdir)
     return None
@@ -218,7 +215,7 @@ def run(*, config: ml_collections.ConfigDict | None = None, pth: str | None = No
   inferred = infer_model_kwargs(state_dict, with_head=not (imagenet or allow_partial))
   if imagenet:  # The video fields (frames, tubelet, classes) come from the config.
     inferred = {k: v for k, v in inferred.items() if k not in ("tubelet_size",)}
-  model_kwargs = resolve_model_kwargs(config, variant, inferred, config_given=config_given and not imagenet)
+  model_kwargs = resolve_model_kwargs(config, variant, inferred, check_model=check_model and not imagenet)
   print(f"  model: {model_kwargs}")
   from vfocal_jax.convert import mapping  # pylint: disable=import-outside-toplevel
   try:
