@@ -289,6 +289,7 @@ def run_command(command: str, config, *, overrides: frozenset[str]) -> None:
     from vfocal_jax.export import writer
     if not (user.given or overrides):  # Float32 and everything from the card.
       user = resolve.UserConfig()
+    writer.check_output_dir(FLAGS.output_dir, FLAGS.overwrite)  # Before minutes of loading and lowering.
     writer.run(resolve.artifact(user, checkpoint=FLAGS.checkpoint, workdir=FLAGS.workdir),
                output_dir=FLAGS.output_dir, overwrite=FLAGS.overwrite)
   else:

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vfocal_jax import model_card, paths
+from vfocal_jax import errors, model_card, paths
 
 __all__ = ["save_params", "load_params", "is_converted_checkpoint"]
 
@@ -49,8 +49,8 @@ def load_params(directory: paths.PathLike) -> Any:
   """The parameters of a converted checkpoint as NumPy arrays (dtypes as saved)."""
   directory = paths.resolve(directory)
   if not is_converted_checkpoint(directory):
-    raise FileNotFoundError(
-        f"{directory} is not a converted checkpoint (no {_PARAMS}/); make one with: "
+    raise errors.MissingFileError(
+        directory, f"not a converted checkpoint (no {_PARAMS}/); make one with: "
         "python main.py convert --pth=FILE.pth --output_dir=DIR")
   with ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore(directory / _PARAMS)

@@ -22,7 +22,7 @@ from typing import Union
 
 import numpy as np
 
-from vfocal_jax import paths
+from vfocal_jax import errors, paths
 
 __all__ = ["read_scalars", "plot_training_curves", "confusion_matrix", "plot_confusion_matrix"]
 
@@ -110,7 +110,7 @@ def plot_training_curves(scalars: Union[str, Scalars], path: str, *, title: str 
   panels = [(name, [t for t in tags if t in scalars], ylabel) for name, tags, ylabel in CURVE_PANELS]
   panels = [p for p in panels if p[1]]
   if not panels:
-    raise ValueError(f"No training scalars to plot (tags present: {sorted(scalars)}).")
+    raise errors.UserError(f"no training scalars to plot (tags present: {sorted(scalars)})")
   plt = pyplot()
   cols = min(3, len(panels))
   rows = -(-len(panels) // cols)

@@ -21,6 +21,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from vfocal_jax import errors
+
 DATA, MODEL = "data", "model"
 
 # (regex on the '/'-joined path, axis to put on 'model' or None). First match wins.
@@ -34,16 +36,16 @@ def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int
   """Replaces one ``-1`` in ``mesh_shape`` by the rest of the devices; checks the product."""
   shape = [int(s) for s in mesh_shape]
   if len(shape) != 2:
-    raise ValueError(f"mesh_shape must have 2 entries (data, model), got {tuple(mesh_shape)}.")
+    raise errors.ConfigError(f"mesh_shape must have 2 entries (data, model), got {tuple(mesh_shape)}")
   if shape.count(-1) > 1:
-    raise ValueError(f"mesh_shape {tuple(mesh_shape)}: at most one -1.")
+    raise errors.ConfigError(f"mesh_shape {tuple(mesh_shape)}: at most one -1")
   if -1 in shape:
     known = int(np.prod([s for s in shape if s != -1]))
     if num_devices % known:
-      raise ValueError(f"mesh_shape {tuple(mesh_shape)} does not divide {num_devices} devices.")
+      raise errors.ConfigError(f"mesh_shape {tuple(mesh_shape)} does not divide {num_devices} devices")
     shape[shape.index(-1)] = num_devices // known
   if int(np.prod(shape)) != num_devices:
-    raise ValueError(f"mesh_shape {tuple(shape)} needs {int(np.prod(shape))} devices, have {num_devices}.")
+    raise errors.ConfigError(f"mesh_shape {tuple(shape)} needs {int(np.prod(shape))} devices, have {num_devices}")
   return tuple(shape)
 
 

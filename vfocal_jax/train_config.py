@@ -1,6 +1,6 @@
 """Checks of the training fields of a config, before a run writes anything.
 
-``validate(config)`` raises one ``ValueError`` naming every bad field as the
+``validate(config)`` raises one ``errors.ConfigError`` naming every bad field as the
 flag that would fix it (``--config.batch_size=30: must divide by the 4
 devices of the mesh's 'data' axis ...``); the command line prints it as one
 line. Types and unknown fields are already caught by the locked config.
@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from vfocal_jax import errors as errors_lib
 from vfocal_jax import sharding
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -19,7 +20,7 @@ OPTIMIZERS = ("sgd", "adamw")
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
              num_processes: int | None = None) -> None:
-  """Raises ``ValueError`` if a training field cannot work; returns None when they all can."""
+  """Raises ``errors.ConfigError`` if a training field cannot work; returns None when they all can."""
   errors: list[str] = []
 
   def bad(field: str, why: str) -> None:
@@ -63,7 +64,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   elif int(config.eval_batch_size) % num_processes:
     bad("eval_batch_size", f"must divide by the {num_processes} processes")
   if errors:
-    raise ValueError("; ".join(errors))
+    raise errors_lib.ConfigError("; ".join(errors))
 
 
 def _get(config: ml_collections.ConfigDict, field: str) -> Any:

@@ -72,7 +72,7 @@ def _init(model: Any, rng: jax.Array) -> Any:
 
 def _check_convertible(model: Any) -> None:
   if model.design != "parallel" or model.temporal_conv != "dense":
-    raise ValueError(f"Only the released design (design='parallel', temporal_conv='dense') has official "
+    raise errors.ConfigError(f"Only the released design (design='parallel', temporal_conv='dense') has official "
                      f"weights; got design={model.design!r}, temporal_conv={model.temporal_conv!r}.")
 
 

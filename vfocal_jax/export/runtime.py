@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vfocal_jax import file_checks  # Plain Python (json, math): the client stays jax-only.
+from vfocal_jax import errors, file_checks  # Plain Python (json, math): the client stays jax-only.
 
 __all__ = ["EXPORT_FORMAT", "MODEL_FILE", "SAVED_MODEL_DIR", "GOLDEN_FILE", "CARD_FILE", "ExportedModel", "load",
            "read_export_card", "sha256_of"]
@@ -48,8 +48,8 @@ def read_export_card(directory: str | os.PathLike) -> dict[str, Any]:
   """``OUT/model_card.json`` of an export, or a one-line error saying what ``directory`` is not."""
   card_path = _path(directory) / CARD_FILE
   if not (_path(directory) / MODEL_FILE).exists() or not card_path.exists():
-    raise FileNotFoundError(f"{directory} is not an exported model (no {MODEL_FILE} and {CARD_FILE}); make one with "
-                            "`main.py export --checkpoint=DIR --output_dir=OUT`.")
+    raise errors.MissingFileError(directory, f"not an exported model (no {MODEL_FILE} and {CARD_FILE}); make one "
+                                  "with `main.py export --checkpoint=DIR --output_dir=OUT`")
   fc = file_checks
   card = fc.mapping(fc.parse_json(card_path.read_bytes(), card_path), card_path)
   export = card.get("export") or {}
@@ -92,7 +92,7 @@ class ExportedModel:
     ndim = 6 if views else 5
     if array.dtype != np.uint8 or array.ndim != ndim or tuple(array.shape[-4:]) != self.clip_shape \
         or any(d == 0 for d in array.shape[:ndim - 4]):
-      raise ValueError(f"video: expected uint8 RGB {'views' if views else 'clips'} of shape {expected} "
+      raise errors.UserError(f"video: expected uint8 RGB {'views' if views else 'clips'} of shape {expected} "
                        f"({t} frames of {h}x{w}, 0-255), got {array.dtype} {tuple(array.shape)}; decode and cut "
                        "clips as `vfocal predict` does (docs/serving.md).")
     return array
@@ -125,8 +125,8 @@ class ExportedModel:
       tolerances = self.card["export"]["golden"]["atol"]
       atol = float(tolerances.get(jax.default_backend(), tolerances["default"]))
     if not diff <= atol:
-      raise ValueError(f"{self.directory}: the golden clips give logits {diff:.3g} away from the expected ones "
-                       f"(tolerance {atol:g} on {jax.default_backend()}).")
+      raise errors.BadFileError(self.directory, f"the golden clips give logits {diff:.3g} away from the expected "
+                                                f"ones (tolerance {atol:g} on {jax.default_backend()})")
     return diff
 
 
@@ -142,7 +142,7 @@ def load(directory: str | os.PathLike, *, verify: bool = True) -> ExportedModel:
   if verify:
     want = card["export"]["files"].get(MODEL_FILE)
     if sha256_of(data) != want:
-      raise ValueError(f"{_path(directory) / MODEL_FILE}: sha256 {sha256_of(data)[:12]}... differs from the card's "
-                       f"{str(want)[:12]}...: the file is damaged or from another export.")
+      raise errors.BadFileError(_path(directory) / MODEL_FILE, f"sha256 {sha256_of(data)[:12]}... differs from the "
+                                f"card's {str(want)[:12]}...: the file is damaged or from another export")
   exported = jax_export.deserialize(bytearray(data))
   return ExportedModel(exported, card, os.fspath(directory))

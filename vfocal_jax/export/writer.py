@@ -185,7 +185,7 @@ def golden_clips(model: Any, params: Any, config: Any, clip_shape: Sequence[int]
   return video, np.asarray(forward(params, video, affine), np.float32)
 
 
-def _check_output_dir(output_dir: str, overwrite: bool) -> Any:
+def check_output_dir(output_dir: str, overwrite: bool) -> Any:
   """``OUT`` as a path; an existing non-empty one only with ``overwrite``, and only if it holds an export."""
   if not output_dir:
     raise errors.FlagError("export needs --output_dir=OUT (a new directory, local or gs://)")
@@ -223,7 +223,7 @@ def run(loaded: artifacts.Loaded, *, output_dir: str | None = None, overwrite: b
     loaded: the checkpoint or workdir with the config to run with (``resolve.artifact``: a config
       with ``model.dtype=bfloat16`` exports a bfloat16 forward; its logits stay float32).
   """
-  out = _check_output_dir(output_dir or "", overwrite)
+  out = check_output_dir(output_dir or "", overwrite)
   start = time.perf_counter()
   config = loaded.config
   clip_shape = (int(config.num_frames), int(config.image_size), int(config.image_size), 3)

@@ -23,6 +23,7 @@ import os
 import ml_collections
 import tensorflow as tf
 
+from vfocal_jax import errors
 from vfocal_jax.input_pipeline import records, sampling, sources, transforms
 
 
@@ -115,7 +116,8 @@ def _open_shards(cfg, *, train: bool, seed: int, process_index: int, process_cou
     per_host = tuple(sum(s.counts) for s in splits)
   mine = splits[process_index]
   if not mine.files:
-    raise ValueError(f"Host {process_index} got no shard files.")
+    raise errors.ConfigError(f"process {process_index} got no shard files: the data has fewer shard files than "
+                             "there are processes; write it with more (make_shards --num_shards)")
   raw = sources.raw_shard_dataset(mine, shuffle_files=train, repeat=repeat, seed=seed + process_index,
                                   cycle_length=int(cfg.cycle_length), num_threads=num_threads(cfg))
   info = DatasetInfo(shard_set.num_examples, _num_classes(cfg, shard_set.num_classes), shard_set.label_names)
@@ -150,7 +152,7 @@ def _open_split(cfg, **kwargs) -> _Split:
     return _open_shards(cfg, **kwargs)
   if cfg.source == "tfds":
     return _open_tfds(cfg, **kwargs)
-  raise ValueError(f"Unknown data source {cfg.source!r}; expected 'shards' or 'tfds'.")
+  raise errors.ConfigError(f"data.source={cfg.source!r}: expected 'shards' or 'tfds'")
 
 
 def get_dataset_info(data_cfg: ml_collections.ConfigDict, split: str = "train") -> DatasetInfo:
@@ -167,7 +169,7 @@ def get_dataset_info(data_cfg: ml_collections.ConfigDict, split: str = "train") 
       s = dataclasses.replace(s, num_classes=t.num_classes, label_names=t.label_names)
     return DatasetInfo(s.num_examples, _num_classes(data_cfg, s.num_classes), s.label_names)
   if data_cfg.source != "tfds":
-    raise ValueError(f"Unknown data source {data_cfg.source!r}; expected 'shards' or 'tfds'.")
+    raise errors.ConfigError(f"data.source={data_cfg.source!r}: expected 'shards' or 'tfds'")
   builder = sources.tfds_builder(data_cfg.tfds_name, data_cfg.tfds_data_dir)
   name = data_cfg.tfds_train_split if train else data_cfg.tfds_eval_split
   feature = builder.info.features[data_cfg.tfds_label_key]

@@ -188,7 +188,7 @@ def train_indices(n: tf.Tensor, num_frames: int, *, sampling: str, interval: int
     return segment_train_indices(n, num_frames, interval, seed)
   if sampling == "dense":
     return dense_train_indices(n, num_frames, interval, seed)
-  raise ValueError(f"Unknown sampling {sampling!r}; expected 'segment' or 'dense'.")
+  raise errors.ConfigError(f"data.sampling={sampling!r}: expected 'segment' or 'dense'")
 
 
 def eval_indices(n: tf.Tensor, num_frames: int, *, sampling: str, interval: int, num_clips: int,
@@ -208,9 +208,9 @@ def eval_indices(n: tf.Tensor, num_frames: int, *, sampling: str, interval: int,
     return tf.stack([train_indices(n, num_frames, sampling=sampling, interval=interval,
                                    seed=_fold(seed, 100 + k)) for k in range(num_clips)])
   if clip_offsets not in ("uniform", "random"):
-    raise ValueError(f"Unknown clip_offsets {clip_offsets!r}; expected 'uniform' or 'random'.")
+    raise errors.ConfigError(f"data.clip_offsets={clip_offsets!r}: expected 'uniform' or 'random'")
   if sampling == "segment":
     return segment_test_indices(n, num_frames, interval, num_clips)
   if sampling == "dense":
     return dense_test_indices(n, num_frames, interval, num_clips)
-  raise ValueError(f"Unknown sampling {sampling!r}; expected 'segment' or 'dense'.")
+  raise errors.ConfigError(f"data.sampling={sampling!r}: expected 'segment' or 'dense'")

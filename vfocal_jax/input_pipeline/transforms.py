@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+from vfocal_jax import errors
 from vfocal_jax.colour import LUMA
 
 
@@ -184,7 +185,7 @@ def eval_crop_offsets(height: tf.Tensor, width: tf.Tensor, crop: int, num_crops:
   if num_crops == 1:
     return tf.stack([cy, cx])[None]
   if num_crops != 3:
-    raise ValueError(f"num_crops must be 1 or 3, got {num_crops}.")
+    raise errors.ConfigError(f"num_crops={num_crops}: expected 1 or 3 (test_num_crops / eval_num_crops)")
   wide = width >= height
   step = tf.where(wide, width - crop, height - crop) // 2
   along = tf.stack([tf.zeros_like(step), 2 * step, step])
