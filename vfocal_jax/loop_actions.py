@@ -1,8 +1,9 @@
 """The periodic actions of the training loop: log a metrics window, evaluate, checkpoint.
 
-Each is a clu ``periodic_actions.PeriodicAction`` called after every step
-(``action(step, ...)``); clu's ``ReportProgress`` (steps/s, ETA, the share of
-time spent in eval and checkpoints) runs beside them in ``train.py``.
+Each is called after every step (``action(step, ...)``) and decides with one
+plain predicate, ``itstime`` (big_vision's ``u.itstime``), whether this step
+is one of its steps; clu's ``ReportProgress`` (steps/s, ETA, the share of time
+spent in eval and checkpoints) runs beside them in ``train.py``.
 
 * ``LogMetrics``: every ``log_every_steps`` and at the last step, the mean of
   the window of steps since the previous report (``metrics.MetricWindow``) to
@@ -23,7 +24,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import metric_writers
 
 from vfocal_jax import checkpoints, errors, evaluate, paths
 from vfocal_jax.metrics import MetricWindow
@@ -35,32 +36,31 @@ CURVES_PNG = "training_curves.png"
 class NonFiniteLossError(errors.UserError, RuntimeError):
   """The loss or the gradient norm became NaN/inf; the message names the last committed checkpoint.
 
-  (A ValueError too, so the command line shows it as one line.)
+  A user error (one line, exit 2): the fix is in the config (learning rate, dtype, clipping).
   """
 
 
-class Checkpointer(periodic_actions.PeriodicAction):
+def itstime(step: int, every_steps: int, total_steps: int, *, last: bool = True) -> bool:
+  """Whether ``step`` is a multiple of ``every_steps`` (0: none is), or the last step when ``last``."""
+  return (every_steps > 0 and step % every_steps == 0) or (last and step == total_steps)
+
+
+class Checkpointer:
   """Saves the state, the input position and the metric window (asynchronously)."""
 
   def __init__(self, manager, *, every_steps: int, last_step: int, train_iter: Any, window: MetricWindow):
-    super().__init__(every_steps=every_steps, on_steps=[last_step])
     self.manager, self.train_iter, self.window = manager, train_iter, window
+    self.every_steps, self.last_step = int(every_steps), int(last_step)
     self.directory = str(manager.directory)
     self.in_flight: int | None = None  # The last step saved (its commit may still be running).
 
   def __call__(self, step: int, state: Any = None, *, metrics: dict[str, float] | None = None,
                force: bool = False) -> bool:
-    """Saves at the periodic steps, and whenever ``force`` (evaluations, preemption)."""
-    t = time.monotonic()
-    self._init_and_check(step, t)
-    if force or self._should_trigger(step, t):
+    """Saves at the periodic steps and the last one, and whenever ``force`` (evaluations, preemption)."""
+    if force or itstime(step, self.every_steps, self.last_step):
       self.save(step, state, metrics=metrics)
-      self._after_apply(step, t)
       return True
     return False
-
-  def _apply(self, step: int, t: float):  # Saving needs the state: see __call__.
-    raise NotImplementedError
 
   def save(self, step: int, state: Any, *, metrics: dict[str, float] | None = None) -> None:
     if self.window.non_finite():  # Never checkpoint past a skipped, non-finite update.
@@ -93,12 +93,12 @@ def non_finite_message(step: int, values: dict[str, float] | None, latest: str) 
           "gradient clipping (--config.grad_clip_norm).")
 
 
-class LogMetrics(periodic_actions.PeriodicAction):
+class LogMetrics:
   """The window's means to TensorBoard, the log and ``history`` (``(step, loss)`` pairs)."""
 
   def __init__(self, config: ml_collections.ConfigDict, *, window: MetricWindow, writer: metric_writers.MetricWriter,
                checkpointer: Checkpointer, total_steps: int, steps_per_epoch: int):
-    super().__init__(every_steps=int(config.log_every_steps), on_steps=[total_steps])
+    self.every_steps = int(config.log_every_steps)
     self.window, self.writer, self.checkpointer = window, writer, checkpointer
     self.total, self.steps_per_epoch = total_steps, steps_per_epoch
     self.clips_per_step = int(config.batch_size) * max(int(config.accumulation_steps), 1)
@@ -110,7 +110,10 @@ class LogMetrics(periodic_actions.PeriodicAction):
     """Measures clips/s from here (after the first step's compile)."""
     self._rate_from = (step, time.monotonic())
 
-  def _apply(self, step: int, t: float):
+  def __call__(self, step: int) -> None:
+    if not itstime(step, self.every_steps, self.total):
+      return
+    t = time.monotonic()
     num_steps = self.window.num_steps
     values = self.window.flush()
     if values is None:
@@ -130,39 +133,30 @@ class LogMetrics(periodic_actions.PeriodicAction):
                  values["clips_per_sec"], self.num_skipped)
 
 
-class PeriodicEval(periodic_actions.PeriodicAction):
-  """1 clip x 1 crop on the eval split every ``eval_every`` steps (not at the last one)."""
+class PeriodicEval:
+  """1 clip x 1 crop on the eval split every ``eval_every`` steps (not at the last one: the final test follows)."""
 
   def __init__(self, config: ml_collections.ConfigDict, *, every_steps: int, total_steps: int, model, mesh,
                eval_step: Callable, writer: metric_writers.MetricWriter, preemption: Preemption):
-    super().__init__(every_steps=every_steps or None)
     self.config, self.model, self.mesh, self.eval_step = config, model, mesh, eval_step
-    self.writer, self.preemption, self.total = writer, preemption, total_steps
-    self.result: dict[str, float] | None = None
+    self.writer, self.preemption = writer, preemption
+    self.every_steps, self.total = int(every_steps or 0), int(total_steps)
 
-  def __call__(self, step: int, state: Any = None) -> dict[str, float] | None:
+  def __call__(self, step: int, state: Any) -> dict[str, float] | None:
     """The metrics to keep with this step's checkpoint, or None when no evaluation ran."""
-    self.result = None
-    self.state = state
-    super().__call__(step)
-    self.state = None
-    return self.result
-
-  def _should_trigger(self, step: int, t: float) -> bool:
-    return step != self.total and super()._should_trigger(step, t)
-
-  def _apply(self, step: int, t: float):
+    if not itstime(step, self.every_steps, self.total, last=False) or step == self.total:
+      return None
     config = self.config
     try:
       batches = self.preemption.interruptible(
           evaluate.create_eval_iterator(config, config.eval_num_clips, config.eval_num_crops))
-      res = evaluate.evaluate_params(config, self.model, self.state.params, self.mesh, num_clips=config.eval_num_clips,
+      res = evaluate.evaluate_params(config, self.model, state.params, self.mesh, num_clips=config.eval_num_clips,
                                      num_crops=config.eval_num_crops, step_fn=self.eval_step, batches=batches)
     except EvalInterrupted:
       logging.warning("Preempted during the evaluation at step %d: it is skipped.", step)
-      return
+      return None
     self.writer.write_scalars(step, {f"eval/{k}": v for k, v in res.items() if isinstance(v, float)})
-    self.result = {"top1": res["top1"]}
+    return {"top1": res["top1"]}
 
 
 def write_training_curves(workdir: str) -> None:

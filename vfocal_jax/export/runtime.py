@@ -92,7 +92,7 @@ class ExportedModel:
     ndim = 6 if views else 5
     if array.dtype != np.uint8 or array.ndim != ndim or tuple(array.shape[-4:]) != self.clip_shape \
         or any(d == 0 for d in array.shape[:ndim - 4]):
-      raise errors.UserError(f"video: expected uint8 RGB {'views' if views else 'clips'} of shape {expected} "
+      raise ValueError(f"video: expected uint8 RGB {'views' if views else 'clips'} of shape {expected} "
                        f"({t} frames of {h}x{w}, 0-255), got {array.dtype} {tuple(array.shape)}; decode and cut "
                        "clips as `vfocal predict` does (docs/serving.md).")
     return array
