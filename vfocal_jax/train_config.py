@@ -43,6 +43,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     bad("num_epochs", "must be > 0 (or set --config.num_train_steps)")
   if str(config.optimizer).lower() not in OPTIMIZERS:
     bad("optimizer", f"expected one of {', '.join(OPTIMIZERS)}")
+  if "model" in config and "remat_policy" in config.model:
+    from vfocal_jax.models.video_focalnet import REMAT_POLICIES  # pylint: disable=import-outside-toplevel
+    if str(config.model.remat_policy) not in REMAT_POLICIES:
+      bad("model.remat_policy", f"expected one of {', '.join(REMAT_POLICIES)}")
 
   num_devices = jax.device_count() if num_devices is None else num_devices
   num_processes = jax.process_count() if num_processes is None else num_processes

@@ -14,11 +14,31 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from vfocal_jax.errors import ConfigError
 from vfocal_jax.models import layers
 from vfocal_jax.models.layers import Dtype, conv, dense, gelu, layer_norm
 
 DESIGNS = ("parallel", "spatial_only", "sequential", "joint3d")
+
+# What a rematerialised block (`remat=True`) keeps from its forward pass for the backward; the rest is
+# recomputed. Names saved by 'modulators' are `checkpoint_name`s in FocalModulation (identities otherwise).
+MODULATOR_NAMES = ("query", "spatial_modulator", "temporal_modulator")
+REMAT_POLICIES = {
+    "nothing": None,  # jax.checkpoint's default (nothing_saveable): only the block's input. As before.
+    "dots": jax.checkpoint_policies.dots_saveable,  # Every matmul/conv output.
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "modulators": jax.checkpoint_policies.save_only_these_names(*MODULATOR_NAMES),
+    "everything": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def remat_policy(name: str):
+  """The `jax.checkpoint` policy named by `model.remat_policy`; a `ConfigError` naming the field otherwise."""
+  if name not in REMAT_POLICIES:
+    raise ConfigError(f"model.remat_policy={name!r}: expected one of {', '.join(REMAT_POLICIES)}.")
+  return REMAT_POLICIES[name]
 
 
 def _focal_context(ctx: jax.Array, gates: jax.Array, focal_convs: Sequence[Any], pool_axes: tuple[int, ...]
@@ -69,7 +89,8 @@ class FocalModulation(nn.Module):
     ctx_all = _focal_context(ctx, gates, convs, (1, 2))
     if self.normalize_modulator:
       ctx_all = ctx_all / (self.focal_level + 1)
-    return q, layers.PointwiseConv(c, 2, self.dtype, self.param_dtype, name="h")(ctx_all)
+    mod = layers.PointwiseConv(c, 2, self.dtype, self.param_dtype, name="h")(ctx_all)
+    return checkpoint_name(q, "query"), checkpoint_name(mod, "spatial_modulator")
 
   def _temporal(self, x: jax.Array, c: int) -> jax.Array:
     """Temporal modulator of tokens `(B*T, H, W, C)`, returned in the same layout.
@@ -113,14 +134,15 @@ class FocalModulation(nn.Module):
     if self.normalize_modulator:
       ctx_all = ctx_all / (self.focal_level + 1)
     mod = layers.PointwiseConv(c, 3, self.dtype, self.param_dtype, name="h")(ctx_all)
-    return q.reshape(bt, h, w, c), mod.reshape(bt, h, w, c)
+    return (checkpoint_name(q.reshape(bt, h, w, c), "query"),
+            checkpoint_name(mod.reshape(bt, h, w, c), "spatial_modulator"))
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     c = x.shape[-1]
     if self.design == "parallel":
       q, mod = self._spatial(x, c)
-      mod_t = self._temporal(x, c)
+      mod_t = checkpoint_name(self._temporal(x, c), "temporal_modulator")
       self.sow("intermediates", "temporal_modulator", mod_t)
       out = q * mod * mod_t
     elif self.design == "spatial_only":
@@ -131,7 +153,7 @@ class FocalModulation(nn.Module):
       out = q * mod
       mod_t = self._temporal(out, c)
       self.sow("intermediates", "temporal_modulator", mod_t)
-      out = out * mod_t
+      out = out * checkpoint_name(mod_t, "temporal_modulator")
     elif self.design == "joint3d":
       q, mod = self._joint3d(x, c)
       out = q * mod
@@ -231,12 +253,15 @@ class BasicLayer(nn.Module):
   block_kwargs: dict
   use_conv_embed: bool = False
   remat: bool = False
+  remat_policy: str = "nothing"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    block_cls = nn.remat(VideoFocalNetBlock, static_argnums=(2,)) if self.remat else VideoFocalNetBlock
+    block_cls = VideoFocalNetBlock
+    if self.remat:
+      block_cls = nn.remat(VideoFocalNetBlock, static_argnums=(2,), policy=remat_policy(self.remat_policy))
     for j, rate in enumerate(self.drop_paths):
       x = block_cls(drop_path=rate, name=f"blocks_{j}", **self.block_kwargs)(x, train)
     if self.downsample:
@@ -279,6 +304,7 @@ class VideoFocalNet(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  remat_policy: str = "nothing"
 
   @nn.compact
   def __call__(self, video: jax.Array, train: bool = False) -> jax.Array:
@@ -293,6 +319,7 @@ class VideoFocalNet(nn.Module):
       raise ValueError("use_conv_embed supports tubelet_size=1 only (as the released code).")
     if self.design not in DESIGNS:
       raise ValueError(f"design={self.design!r}: expected one of {DESIGNS}.")
+    remat_policy(self.remat_policy)  # A bad name fails here, remat on or off.
     frames = t // self.tubelet_size
     video = video.astype(self.dtype)
     x = video if self.tubelet_size > 1 else video.reshape(b * t, h, w, video.shape[-1])
@@ -315,7 +342,7 @@ class VideoFocalNet(nn.Module):
           block_kwargs=dict(modulation_kwargs=modulation_kwargs, mlp_ratio=self.mlp_ratio, drop=self.drop_rate,
                             use_layerscale=self.use_layerscale, layerscale_value=self.layerscale_value,
                             use_postln=self.use_postln, dtype=self.dtype, param_dtype=self.param_dtype),
-          use_conv_embed=self.use_conv_embed, remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype,
+          use_conv_embed=self.use_conv_embed, remat=self.remat, remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
           name=f"layers_{i}")(x, train)
       dim = x.shape[-1]
     x = layer_norm("norm", self.dtype)(x)

@@ -1,0 +1,200 @@
+"""Before/after of the train and eval steps' memory traffic for each traffic cut (docs/traffic_cuts.md).
+
+    nice -n 10 python benchmarks/traffic_cuts.py --out_dir=/tmp/cuts                 # reduced T, every variant
+    nice -n 10 python benchmarks/traffic_cuts.py --out_dir=/tmp/cuts --variants=base,remat_dots
+    nice -n 10 python benchmarks/traffic_cuts.py --out_dir=/tmp/cuts_full --depths=full --variants=base,best
+    python benchmarks/traffic_cuts.py --out_dir=/tmp/cuts --table_only                 # the table of what is done
+
+Each variant is a set of ``--config.FIELD`` overrides of ``configs/k400_tiny.py``
+(Video-FocalNet-T's widths; ``--depths`` picks the blocks per stage, default
+``(1,1,1,1)``; ``full`` is T's ``(2,2,6,2)``), compiled with ``plan.make_report``
+for ``--topology`` (v5e:2x2) on this host: the TPU compiler's train step at
+``--clips_per_chip`` (8) and eval step (``--eval_videos_per_chip`` videos x 12
+views). One JSON per variant goes to ``--out_dir`` so variants can run one at a
+time (in the background) and the table is printed from whatever is there:
+bytes accessed per clip, the estimated step time, MFU and memory per chip, each
+also as a ratio to the ``base`` variant (today's defaults). Nothing runs on a TPU.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import glob
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+# name -> (what it changes, config overrides). 'base' is today's defaults.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "base": ("today's defaults (no remat)", {}),
+    "remat": ("model.remat=True (nothing saved: recompute each block)", {"model.remat": True}),
+    "remat_dots": ("remat, matmul outputs saved", {"model.remat": True, "model.remat_policy": "dots"}),
+    "remat_dots_nb": ("remat, saving matmul outputs with no batch dims",
+                      {"model.remat": True, "model.remat_policy": "dots_no_batch"}),
+    "remat_modulators": ("remat, saving the modulators (q, m_s, m_t)",
+                         {"model.remat": True, "model.remat_policy": "modulators"}),
+    "bf16_acts": ("activations kept in the compute dtype", {"model.bf16_activations": True}),
+    "fused_focal": ("focal levels' GELU-gate-accumulate in one custom-VJP pass", {"model.fused_focal": True}),
+    "shift": ("depthwise convs as shifted multiplies", {"model.depthwise_impl": "shift"}),
+    "frames": ("temporal branch in place (B, T, H, W, C)", {"model.temporal_layout": "frames"}),
+}
+
+
+def _parse(value: str, current):
+  try:
+    parsed = ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    parsed = value
+  if isinstance(current, (tuple, list)):
+    return type(current)(parsed)
+  return parsed
+
+
+def build_config(overrides: dict, depths, clips_per_chip: int, eval_videos_per_chip: int, chips: int):
+  from configs import k400_tiny
+  config = k400_tiny.get_config()
+  if depths is not None:
+    config.model.depths = tuple(depths)
+  config.batch_size = clips_per_chip * chips
+  config.eval_batch_size = eval_videos_per_chip * chips
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    if leaf not in node:  # A field of a newer config (e.g. another checkout's): unlocked copy.
+      node.unlock()
+    node[leaf] = _parse(value, node.get(leaf)) if isinstance(value, str) else value
+  return config
+
+
+def summary(report: dict) -> dict:
+  """The figures of the table, per step."""
+  out = {}
+  for name in ("train", "eval"):
+    s = report.get(name)
+    if not s or not s["ok"]:
+      out[name] = None if not s else {"error": s["error"]}
+      continue
+    clips = s["clips_per_chip"]
+    parts = {}
+    for row in (s.get("traffic") or {}).get("parts", []):
+      parts[row["part"]] = row
+    out[name] = {
+        "bytes_per_clip": s["bytes_accessed_per_chip"] / clips if s["bytes_accessed_per_chip"] else None,
+        "ms": None if s["estimated_step_seconds"] is None else 1e3 * s["estimated_step_seconds"],
+        "mfu": s["estimated_mfu"], "memory_per_chip": s["total_bytes_per_chip"],
+        "flops_per_clip": None if s["flops_per_chip"] is None else s["flops_per_chip"] / clips,
+        "compile_seconds": (s["lower_seconds"] or 0) + (s["compile_seconds"] or 0)}
+  return out
+
+
+def run_variant(name: str, args) -> dict:
+  from vfocal_jax import plan
+  what, overrides = VARIANTS[name]
+  overrides = dict(overrides)
+  for item in args.set:
+    key, value = item.split("=", 1)
+    overrides[key] = value
+  devices = plan.target_devices(args.topology)
+  chips, _ = plan.tpu_specs.chip_layout(devices)
+  depths = None if args.depths == "full" else ast.literal_eval(args.depths)
+  config = build_config(overrides, depths, args.clips_per_chip, args.eval_videos_per_chip, chips)
+  t0 = time.time()
+  report, _ = plan.make_report(config, topology=args.topology, train_only=args.train_only, log=lambda s: None)
+  report["variant"], report["what"] = name, what
+  report["overrides"] = {k: str(v) for k, v in overrides.items()}
+  report["depths"] = args.depths
+  report["wall_seconds"] = time.time() - t0
+  report["summary"] = summary(report)
+  return report
+
+
+def _ratio(x, base):
+  return "" if x is None or not base else f" ({x / base:.2f}x)"
+
+
+def table(reports: list[dict]) -> str:
+  base = next((r for r in reports if r["variant"] == "base"), None)
+  lines = ["| variant | step | bytes accessed / clip | est. step | est. MFU | memory / chip |",
+           "|---|---|---|---|---|---|"]
+  for name in ("train", "eval"):
+    for r in reports:
+      s = r["summary"].get(name)
+      if s is None:
+        continue
+      if "error" in s:
+        lines.append(f"| {r['variant']} | {name} | does not compile: {s['error']} | | | |")
+        continue
+      b = (base or {}).get("summary", {}).get(name) or {}
+      mib, gib = s["bytes_per_clip"] / 2 ** 20, s["memory_per_chip"] / 2 ** 30
+      lines.append(
+          f"| {r['variant']} | {name} | {mib:,.0f} MiB{_ratio(s['bytes_per_clip'], b.get('bytes_per_clip'))} | "
+          f"{s['ms']:.2f} ms{_ratio(s['ms'], b.get('ms'))} | {100 * s['mfu']:.1f}%"
+          f"{_ratio(s['mfu'], b.get('mfu'))} | {gib:.2f} GiB{_ratio(s['memory_per_chip'], b.get('memory_per_chip'))} |")
+  return "\n".join(lines)
+
+
+def parts_table(reports: list[dict], step: str = "train", top: int = 14) -> str:
+  """MiB per clip of the largest parts, summed over blocks (``hlo_traffic``'s ``by_component``), per variant."""
+  cols = [r for r in reports if r.get(step) and r[step].get("traffic")]
+  if not cols:
+    return ""
+  gs = [{row["name"]: row["bytes"] for row in r[step]["traffic"]["by_component"]} for r in cols]
+  keys = sorted(gs[0], key=lambda k: -gs[0][k])[:top]
+  lines = ["| part (" + step + ", MiB / clip) | " + " | ".join(r["variant"] for r in cols) + " |",
+           "|---|" + "---|" * len(cols)]
+  for k in keys:
+    lines.append(f"| {k} | " + " | ".join(f"{g.get(k, 0) / 2 ** 20:,.0f}" for g in gs) + " |")
+  return "\n".join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated names of VARIANTS.")
+  parser.add_argument("--out_dir", default=os.path.join(ROOT, "workdir_traffic_cuts"))
+  parser.add_argument("--topology", default="v5e:2x2")
+  parser.add_argument("--depths", default="(1,1,1,1)", help="Blocks per stage, or 'full' (T's 2,2,6,2).")
+  parser.add_argument("--clips_per_chip", type=int, default=8)
+  parser.add_argument("--eval_videos_per_chip", type=int, default=1)
+  parser.add_argument("--train_only", action="store_true")
+  parser.add_argument("--set", action="append", default=[], help="FIELD=VALUE override for every variant.")
+  parser.add_argument("--table_only", action="store_true")
+  parser.add_argument("--force", action="store_true", help="Recompile variants already in out_dir.")
+  args = parser.parse_args()
+  os.makedirs(args.out_dir, exist_ok=True)
+  tag = "full" if args.depths == "full" else args.depths.strip("()").replace(",", "").replace(" ", "")
+  if not args.table_only:
+    for name in filter(None, args.variants.split(",")):
+      if name not in VARIANTS:
+        parser.error(f"--variants: unknown {name!r}; known: {', '.join(VARIANTS)}")
+      path = os.path.join(args.out_dir, f"{tag}_{name}.json")
+      if os.path.exists(path) and not args.force:
+        continue
+      report = run_variant(name, args)
+      with open(path, "w") as f:
+        json.dump(report, f, indent=1, sort_keys=True)
+      print(f"{name}: {json.dumps(report['summary'])}", flush=True)
+  for t in sorted({os.path.basename(p).split("_", 1)[0] for p in glob.glob(os.path.join(args.out_dir, "*.json"))}):
+    reports = []
+    for path in sorted(glob.glob(os.path.join(args.out_dir, f"{t}_*.json"))):
+      with open(path) as f:
+        reports.append(json.load(f))
+    order = list(VARIANTS)
+    reports.sort(key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))
+    print(f"\ndepths {reports[0]['depths']}, {reports[0]['topology']}:\n" + table(reports))
+    print("\n" + parts_table(reports, "train"))
+    print("\n" + parts_table(reports, "eval"))
+
+
+if __name__ == "__main__":
+  main()
