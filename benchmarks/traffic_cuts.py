@@ -42,8 +42,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                       {"model.remat": True, "model.remat_policy": "dots_no_batch"}),
     "remat_modulators": ("remat, saving the modulators (q, m_s, m_t)",
                          {"model.remat": True, "model.remat_policy": "modulators"}),
-    "bf16_acts": ("activations kept in the compute dtype", {"model.bf16_activations": True}),
-    "fused_focal": ("focal levels' GELU-gate-accumulate in one custom-VJP pass", {"model.fused_focal": True}),
+    "ln_recompute": ("LayerNorm VJP keeps only its input", {"model.layer_norm_impl": "recompute"}),
     "shift": ("depthwise convs as shifted multiplies", {"model.depthwise_impl": "shift"}),
     "frames": ("temporal branch in place (B, T, H, W, C)", {"model.temporal_layout": "frames"}),
 }

@@ -47,6 +47,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     from vfocal_jax.models.video_focalnet import REMAT_POLICIES  # pylint: disable=import-outside-toplevel
     if str(config.model.remat_policy) not in REMAT_POLICIES:
       bad("model.remat_policy", f"expected one of {', '.join(REMAT_POLICIES)}")
+  if "model" in config and "layer_norm_impl" in config.model:
+    from vfocal_jax.models.layers import LAYER_NORM_IMPLS  # pylint: disable=import-outside-toplevel
+    if str(config.model.layer_norm_impl) not in LAYER_NORM_IMPLS:
+      bad("model.layer_norm_impl", f"expected one of {', '.join(LAYER_NORM_IMPLS)}")
 
   num_devices = jax.device_count() if num_devices is None else num_devices
   num_processes = jax.process_count() if num_processes is None else num_processes

@@ -70,6 +70,7 @@ class FocalModulation(nn.Module):
   depthwise_impl: str = "auto"
   temporal_layout: str = "auto"
   dense_init: str = "official"
+  layer_norm_impl: str = "flax"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -161,7 +162,7 @@ class FocalModulation(nn.Module):
       raise ValueError(f"design={self.design!r}: expected one of {DESIGNS}.")
     self.sow("intermediates", "spatial_modulator", mod)
     if self.use_postln_in_modulation:
-      out = layer_norm("ln", self.dtype)(out)
+      out = layer_norm("ln", self.dtype, self.layer_norm_impl)(out)
     out = self._dense(c, "proj")(out)
     return nn.Dropout(self.proj_drop, deterministic=not train)(out)
 
@@ -203,7 +204,8 @@ class VideoFocalNetBlock(nn.Module):
       gamma_2 = self.param("gamma_2", init, (c,), self.param_dtype)
     else:
       gamma_1 = gamma_2 = 1.0
-    norm1, norm2 = layer_norm("norm1", self.dtype), layer_norm("norm2", self.dtype)
+    impl = self.modulation_kwargs.get("layer_norm_impl", "flax")
+    norm1, norm2 = layer_norm("norm1", self.dtype, impl), layer_norm("norm2", self.dtype, impl)
     modulation = FocalModulation(dim=c, proj_drop=self.drop, dtype=self.dtype, param_dtype=self.param_dtype,
                                  name="modulation", **self.modulation_kwargs)
     mlp = Mlp(int(c * self.mlp_ratio), self.drop, self.modulation_kwargs.get("dense_init", "official"), self.dtype,
@@ -225,6 +227,7 @@ class PatchEmbed(nn.Module):
   tubelet_size: int = 1
   use_conv_embed: bool = False
   is_stem: bool = False
+  layer_norm_impl: str = "flax"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -243,7 +246,7 @@ class PatchEmbed(nn.Module):
       x = conv(self.embed_dim, (tb, p, p), "proj", self.dtype, self.param_dtype, strides=(tb, p, p),
                padding="VALID")(x)
       x = x.reshape((-1,) + x.shape[2:])
-    return layer_norm("norm", self.dtype)(x)
+    return layer_norm("norm", self.dtype, self.layer_norm_impl)(x)
 
 
 class BasicLayer(nn.Module):
@@ -265,8 +268,9 @@ class BasicLayer(nn.Module):
     for j, rate in enumerate(self.drop_paths):
       x = block_cls(drop_path=rate, name=f"blocks_{j}", **self.block_kwargs)(x, train)
     if self.downsample:
-      x = PatchEmbed(2 * x.shape[-1], 2, use_conv_embed=self.use_conv_embed, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name="downsample")(x)
+      x = PatchEmbed(2 * x.shape[-1], 2, use_conv_embed=self.use_conv_embed,
+                     layer_norm_impl=self.block_kwargs["modulation_kwargs"].get("layer_norm_impl", "flax"),
+                     dtype=self.dtype, param_dtype=self.param_dtype, name="downsample")(x)
     return x
 
 
@@ -274,7 +278,8 @@ class VideoFocalNet(nn.Module):
   """Video-FocalNet classifier: `(B, T, H, W, 3)` normalised clips -> `(B, num_classes)` float32 logits.
 
   Fields carry the official constructor's names; `design`, `temporal_conv`,
-  `depthwise_impl`, `temporal_layout`, `dense_init`, `dtype`, `param_dtype` and `remat` are ours
+  `depthwise_impl`, `temporal_layout`, `dense_init`, `dtype`, `param_dtype`, `remat`, `remat_policy` and
+  `layer_norm_impl` are ours
   (implementation choices that leave the parameters and the result unchanged, but for `dense_init`).
   `dense_init='fan_in'` is for training from scratch (see
   `layers.dense_initializer`); it changes only the initial values.
@@ -305,6 +310,7 @@ class VideoFocalNet(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: bool = False
   remat_policy: str = "nothing"
+  layer_norm_impl: str = "flax"
 
   @nn.compact
   def __call__(self, video: jax.Array, train: bool = False) -> jax.Array:
@@ -320,11 +326,15 @@ class VideoFocalNet(nn.Module):
     if self.design not in DESIGNS:
       raise ValueError(f"design={self.design!r}: expected one of {DESIGNS}.")
     remat_policy(self.remat_policy)  # A bad name fails here, remat on or off.
+    if self.layer_norm_impl not in layers.LAYER_NORM_IMPLS:
+      raise ConfigError(f"model.layer_norm_impl={self.layer_norm_impl!r}: expected one of "
+                        f"{', '.join(layers.LAYER_NORM_IMPLS)}.")
     frames = t // self.tubelet_size
     video = video.astype(self.dtype)
     x = video if self.tubelet_size > 1 else video.reshape(b * t, h, w, video.shape[-1])
     x = PatchEmbed(self.embed_dim, self.patch_size, self.tubelet_size, self.use_conv_embed, is_stem=True,
-                   dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed")(x)
+                   layer_norm_impl=self.layer_norm_impl, dtype=self.dtype, param_dtype=self.param_dtype,
+                   name="patch_embed")(x)
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
 
     num_blocks = sum(self.depths)
@@ -335,17 +345,18 @@ class VideoFocalNet(nn.Module):
           focal_window=self.focal_windows[i], focal_level=self.focal_levels[i], num_frames=frames,
           use_postln_in_modulation=self.use_postln_in_modulation, normalize_modulator=self.normalize_modulator,
           design=self.design, temporal_conv=self.temporal_conv, depthwise_impl=self.depthwise_impl,
-          temporal_layout=self.temporal_layout, dense_init=self.dense_init)
+          temporal_layout=self.temporal_layout, dense_init=self.dense_init, layer_norm_impl=self.layer_norm_impl)
       x = BasicLayer(
           drop_paths=tuple(rates[sum(self.depths[:i]):sum(self.depths[:i + 1])]),
           downsample=i < len(self.depths) - 1,
           block_kwargs=dict(modulation_kwargs=modulation_kwargs, mlp_ratio=self.mlp_ratio, drop=self.drop_rate,
                             use_layerscale=self.use_layerscale, layerscale_value=self.layerscale_value,
                             use_postln=self.use_postln, dtype=self.dtype, param_dtype=self.param_dtype),
-          use_conv_embed=self.use_conv_embed, remat=self.remat, remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
+          use_conv_embed=self.use_conv_embed, remat=self.remat, remat_policy=self.remat_policy, dtype=self.dtype,
+          param_dtype=self.param_dtype,
           name=f"layers_{i}")(x, train)
       dim = x.shape[-1]
-    x = layer_norm("norm", self.dtype)(x)
+    x = layer_norm("norm", self.dtype, self.layer_norm_impl)(x)
     x = x.mean(axis=(1, 2)).reshape(b, frames, dim).mean(axis=1)
     logits = dense(self.num_classes, "head", self.dtype, self.param_dtype, init=self.dense_init)(x)
     return logits.astype(jnp.promote_types(self.dtype, jnp.float32))  # bf16 compute -> f32 logits

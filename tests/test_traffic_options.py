@@ -1,0 +1,71 @@
+"""The traffic cuts' model options (docs/traffic_cuts.md): same forward, same gradients to rounding."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vfocal_jax.errors import ConfigError
+from vfocal_jax.models import create_model
+from vfocal_jax.models import layers
+
+FRAMES, SIZE = 4, 32
+ARCH = dict(embed_dim=8, depths=(1, 1, 1, 1), num_classes=5, num_frames=FRAMES, drop_path_rate=0.3, drop_rate=0.1,
+            depthwise_impl="xla")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+def test_recompute_layer_norm_is_flax_layer_norm(dtype):
+  with jax.enable_x64(dtype == "float64"):
+    dtype = jnp.dtype(dtype)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(3 + 2 * rng.normal(size=(2, 5, 7, 24)), dtype)
+    ref, new = nn.LayerNorm(epsilon=1e-5, dtype=dtype), layers.RecomputeLayerNorm(epsilon=1e-5, dtype=dtype)
+    pdt = jnp.promote_types(dtype, jnp.float32)
+    params = {"scale": jnp.asarray(1 + rng.normal(size=24), pdt), "bias": jnp.asarray(rng.normal(size=24), pdt)}
+    assert jax.tree.map(jnp.shape, new.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape, ref.init(
+        jax.random.key(0), x))
+    want, got = jax.jit(ref.apply)({"params": params}, x), jax.jit(new.apply)({"params": params}, x)
+    assert got.dtype == want.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float64), np.asarray(want, np.float64))  # op for op
+    w = jnp.asarray(rng.normal(size=x.shape), dtype)
+    loss = lambda m: lambda p, x: jnp.sum((m.apply({"params": p}, x) * w).astype(pdt) ** 2)
+    g_ref = jax.jit(jax.grad(loss(ref), argnums=(0, 1)))(params, x)
+    g_new = jax.jit(jax.grad(loss(new), argnums=(0, 1)))(params, x)
+    tol = {jnp.dtype("float64"): 1e-12, jnp.dtype("float32"): 2e-5, jnp.dtype("bfloat16"): 2e-2}[dtype]
+    for a, b in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_ref)):
+      assert a.dtype == b.dtype
+      np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=tol,
+                                 atol=tol * np.abs(np.asarray(b, np.float64)).max())
+
+
+def _loss_and_grads(model, params, video):
+  def loss(p):
+    out = model.apply({"params": p}, video, train=True, rngs={"dropout": jax.random.key(2)})
+    return jnp.sum(out * jnp.arange(1, out.shape[-1] + 1))
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("options", [dict(layer_norm_impl="recompute"),
+                                     dict(layer_norm_impl="recompute", use_postln=True,
+                                          use_postln_in_modulation=True)])
+def test_model_options_give_the_same_loss_and_gradients(options):
+  video = jnp.asarray(np.random.default_rng(0).normal(size=(2, FRAMES, SIZE, SIZE, 3)), jnp.float32)
+  base = create_model("custom", **{**ARCH, **{k: v for k, v in options.items() if k.startswith("use_")}})
+  params = jax.jit(base.init)(jax.random.key(0), video)["params"]
+  model = base.clone(**options)
+  assert jax.tree.map(jnp.shape, jax.jit(model.init)(jax.random.key(0), video)["params"]) == jax.tree.map(
+      jnp.shape, params)
+  np.testing.assert_array_equal(jax.jit(model.apply)({"params": params}, video),
+                                jax.jit(base.apply)({"params": params}, video))
+  want_loss, want = _loss_and_grads(base, params, video)
+  got_loss, got = _loss_and_grads(model, params, video)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max()), got, want)
+
+
+def test_a_bad_layer_norm_impl_is_one_config_error():
+  model = create_model("custom", layer_norm_impl="fast", **ARCH)
+  video = jnp.zeros((1, FRAMES, SIZE, SIZE, 3))
+  with pytest.raises(ConfigError, match=r"^model\.layer_norm_impl='fast': expected one of flax, recompute"):
+    jax.eval_shape(model.init, jax.random.key(0), video)
