@@ -16,7 +16,7 @@ from typing import Any
 from vfocal_jax.errors import BadFileError
 
 __all__ = ["BadFileError", "MAX_TEXT_BYTES", "parse_json", "decode_text", "mapping", "integer", "number",
-           "boolean", "choice", "string", "numbers", "integers", "strings"]
+           "boolean", "choice", "string", "sequence", "numbers", "integers", "strings"]
 
 MAX_TEXT_BYTES = 64 << 20  # A JSON or text file we read whole (cards, dataset_info, labels): 64 MiB at most.
 _MAX_DEPTH = 64
@@ -122,6 +122,11 @@ def choice(value: Any, path: Any, field: str, options: Sequence[str]) -> str:
   if value not in options:
     raise BadFileError(path, f"{field} is {value!r:.60}, expected one of {', '.join(map(repr, options))}")
   return value
+
+
+def sequence(value: Any, path: Any, field: str, *, length: int | None = None, max_len: int = 1 << 20) -> list:
+  """A JSON list (of anything) with ``length`` items, or at most ``max_len``."""
+  return _sequence(value, path, field, length, max_len)
 
 
 def _sequence(value: Any, path: Any, field: str, length: int | None, max_len: int) -> list:
