@@ -507,7 +507,8 @@ def _check_names(value: Any, path: str, field: str) -> None:
 
 
 def _check_type(value: Any, default_value: Any, kind: type, path: str, field: str) -> None:
-  """``value`` (JSON) is of the config field's type: bool, int, float (an int too), str, tuple (a list)."""
+  """``value`` (JSON) is of the config field's type: bool, int, float (an int too), str, tuple (a list: of the
+  default's length and kind of number when the default is a tuple of numbers)."""
   fc = file_checks
   if value is None and default_value is None:
     return
@@ -520,7 +521,15 @@ def _check_type(value: Any, default_value: Any, kind: type, path: str, field: st
   elif kind is str:
     fc.string(value, path, field)
   elif kind in (tuple, list):
-    fc.sequence(value, path, field, max_len=1 << 16)
+    items = list(default_value or ())
+    if items and all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+      fc.integers(value, path, field, length=len(items))
+    elif items and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+      fc.numbers(value, path, field, length=len(items))
+    elif items and all(isinstance(v, str) for v in items):
+      fc.strings(value, path, field, max_len=1 << 16)
+    else:
+      fc.sequence(value, path, field, max_len=1 << 16)
   elif isinstance(default_value, ml_collections.ConfigDict):
     fc.mapping(value, path, field)
 

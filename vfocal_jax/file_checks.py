@@ -61,6 +61,10 @@ def parse_json(data: bytes | str, path: Any) -> Any:
                              "the file may be truncated or hand-edited") from None
   except RecursionError:
     raise BadFileError(path, f"JSON nested more than {_MAX_DEPTH} levels deep") from None
+  except BadFileError:
+    raise
+  except ValueError as e:  # An integer of more than 4,300 digits (Python's limit on int(str)).
+    raise BadFileError(path, f"not valid JSON ({' '.join(str(e).split())[:120]})") from None
   if _depth(value, _MAX_DEPTH) > _MAX_DEPTH:
     raise BadFileError(path, f"JSON nested more than {_MAX_DEPTH} levels deep")
   return value

@@ -64,6 +64,7 @@ def read_lines(path: str) -> list[str]:
   """Non-blank lines without their line ends (label maps); a binary or non-UTF-8 file is a ``BadFileError``."""
   with tf.io.gfile.GFile(path, "rb") as f:
     text = file_checks.decode_text(f.read(file_checks.MAX_TEXT_BYTES + 1), path)
+  text = text[1:] if text.startswith("\ufeff") else text
   return [line.rstrip("\r\n") for line in text.splitlines() if line.strip()]
 
 
@@ -237,6 +238,7 @@ def read_label_map(path: str) -> tuple[str, ...]:
   for i, name in enumerate(names):
     if len(name) > 1000:
       raise file_checks.BadFileError(path, f"line {i + 1} is {len(name):,} characters long; is this a label map?")
+    _printable(name, path, i + 1, "class name")
     if name in seen:
       raise file_checks.BadFileError(path, f"class {name[:60]!r} appears twice (lines {seen[name] + 1} and {i + 1})")
     seen[name] = i
