@@ -56,8 +56,18 @@ def basename(path: str) -> str:
 
 
 def read_text(path: str) -> str:
-  with tf.io.gfile.GFile(path, "r") as f:
-    return f.read()
+  """A text file of any size (make_shards' CSV): missing -> ``MissingFileError``; binary, non-UTF-8 -> ``BadFileError``."""
+  if not tf.io.gfile.exists(path):
+    raise errors.MissingFileError(path)
+  with tf.io.gfile.GFile(path, "rb") as f:
+    data = f.read()
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise file_checks.BadFileError(path, f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+  if "\x00" in text:
+    raise file_checks.BadFileError(path, f"not a text file (a NUL byte at offset {text.index(chr(0))})")
+  return text
 
 
 def read_lines(path: str) -> list[str]:
