@@ -414,3 +414,18 @@ def test_make_shards_csv_that_is_not_text_names_the_file(tmp_path):
     make_shards.read_csv(str(path))
   with pytest.raises(errors.MissingFileError, match=re.escape(f"{tmp_path / 'no.csv'}: no such file")):
     make_shards.read_csv(str(tmp_path / "no.csv"))
+
+
+@pytest.mark.parametrize("labels,words", [
+    (b"run\njump\n", "its 2 class names differ from the 3 label_names of"),
+    (b"run\nswim\njump\n", "its 3 class names differ from the 3 label_names of"),
+])
+def test_labels_txt_that_disagrees_with_dataset_info_beside_it_is_refused(tmp_path, labels, words):
+  d = _shards(tmp_path, INFO, labels)
+  with pytest.raises(BadFileError, match=re.escape(words)) as e:
+    sources.load_shard_set(str(d))
+  assert str(e.value).startswith(f"{d / 'labels.txt'}: ")
+  d = _shards(tmp_path, dict(INFO, label_names=None), labels)
+  if len(labels.split()) != 3:
+    with pytest.raises(BadFileError, match=re.escape("2 class names, but")):
+      sources.load_shard_set(str(d))

@@ -312,7 +312,7 @@ class ShardSet:
 def list_shards(spec: str) -> list[str]:
   """Expands a directory / glob / comma-separated list (local or ``gs://``) into sorted shard files."""
   if not spec:
-    raise ValueError("No shards given (set config.data.train_shards / eval_shards).")
+    raise errors.ConfigError("No shards given (set config.data.train_shards / eval_shards).")
   files: list[str] = []
   for part in (expand(p.strip()) for p in spec.split(",")):
     if not part:
@@ -325,7 +325,7 @@ def list_shards(spec: str) -> list[str]:
       found = [part] if tf.io.gfile.exists(part) else []
     found = [f for f in found if not f.endswith((".json", ".tmp"))]
     if not found:
-      raise FileNotFoundError(f"No shard files match {part!r}.")
+      raise errors.MissingFileError(part, "no shard files match (a directory of *.tfrecord*, a glob or a file)")
     files.extend(found)
   return sorted(set(files))
 
@@ -356,10 +356,19 @@ def load_shard_set(spec: str, label_map: str = "") -> ShardSet:
     label_names = tuple(first["label_names"]) if first.get("label_names") else None
   label_file = expand(label_map) if label_map else join(parent(files[0]), shard_format.LABELS_FILENAME)
   if tf.io.gfile.exists(label_file):
-    label_names = read_label_map(label_file)
-    num_classes = len(label_names)
+    names = read_label_map(label_file)
+    beside = infos.get(parent(files[0]))
+    if not label_map and beside is not None:  # Written together by make_shards: one of them is damaged.
+      info_file = join(parent(files[0]), shard_format.INFO_FILENAME)
+      if beside.get("label_names") and tuple(beside["label_names"]) != names:
+        raise file_checks.BadFileError(label_file, f"its {len(names)} class names differ from the "
+                                                   f"{len(beside['label_names'])} label_names of {info_file}")
+      if beside.get("num_classes") is not None and beside["num_classes"] != len(names):
+        raise file_checks.BadFileError(label_file, f"{len(names)} class names, but {info_file} says num_classes="
+                                                   f"{beside['num_classes']}")
+    label_names, num_classes = names, len(names)
   elif label_map:
-    raise FileNotFoundError(f"Label map {label_map!r} not found.")
+    raise errors.MissingFileError(label_file, "Label map not found (config.data.label_map)")
   return ShardSet(tuple(files), counts, num_classes, label_names, frames_per_video, frames_source)
 
 
