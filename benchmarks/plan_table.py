@@ -137,11 +137,12 @@ def gpu_table(reports: list[dict]) -> str:
         bound = "compute" if flops / chip["peak_bf16_flops"] >= nbytes / chip["hbm_bytes_per_second"] else "memory"
       coll = ", ".join(f"{e['kind']} x{e['count']} {_size(e['bytes'])}" for e in s["collectives"] or []) or "none"
       compile_s = (s["lower_seconds"] or 0) + (s["compile_seconds"] or 0)
+      gib = lambda b: None if b is None else b / 2 ** 30
+      fits = {True: "yes", False: "NO", None: "?"}[s["fits"]]
       lines.append(
           f"| {c['variant']} {c['num_frames']}x{c['image_size']} {c['dtype']} | {r['topology']} | {name} | {batch} | "
-          f"{_f(None if s['total_bytes_per_chip'] is None else s['total_bytes_per_chip'] / 2 ** 30, '.2f')} | "
-          f"{_f(None if s['hbm_bytes_per_chip'] is None else s['hbm_bytes_per_chip'] / 2 ** 30, '.2f')} | "
-          f"{ {True: 'yes', False: 'NO', None: '?'}[s['fits']]} | {_f(None if flops is None else flops / 1e12, '.2f')} | "
+          f"{_f(gib(s['total_bytes_per_chip']), '.2f')} | {_f(gib(s['hbm_bytes_per_chip']), '.2f')} | "
+          f"{fits} | {_f(None if flops is None else flops / 1e12, '.2f')} | "
           f"{_f(None if nbytes is None else nbytes / 1e9, '.1f')} | {_f(None if t is None else 1e3 * t, '.1f')} ms | "
           f"{bound} | {_f(s['clips_per_chip'] / t if t else None, '.0f')} | {coll} | {compile_s / 60:.1f} min |")
   return "\n".join(lines)
