@@ -38,7 +38,7 @@ import numpy as np
 
 from vfocal_jax.convert.pth.errors import (CheckpointFormatError, CheckpointLimitError,
                                            CheckpointLoadError, UnsafeCheckpointError, clip)
-from vfocal_jax.convert.pth.legacy import LEGACY_MAGIC as _LEGACY_MAGIC
+from vfocal_jax.convert.pth.legacy import LEGACY_MAGIC as _LEGACY_MAGIC  # noqa: F401 (tests)
 from vfocal_jax.convert.pth.legacy import read_legacy
 from vfocal_jax.convert.pth.state import Limits, Load
 from vfocal_jax.convert.pth.state_dict import clean_state_dict, find_state_dict

@@ -19,13 +19,13 @@ import collections
 import struct
 from typing import Any, Callable
 
+from vfocal_jax.convert.pth.allow_list import ALLOWED, PY2_MODULES
 from vfocal_jax.convert.pth.checks import check_key, to_int
 from vfocal_jax.convert.pth.errors import (CheckpointFormatError, CheckpointLoadError,
                                            UnsafeCheckpointError, clip, limit_error)
 from vfocal_jax.convert.pth.opcodes import OP_NAMES, OPS, STOP
 from vfocal_jax.convert.pth.rebuild_data import np_array, np_dtype_arg
 from vfocal_jax.convert.pth.source import Source, Truncated
-from vfocal_jax.convert.pth.allow_list import ALLOWED, PY2_MODULES
 from vfocal_jax.convert.pth.state import Load
 from vfocal_jax.convert.pth.values import (Global, InertObject, NumpyArray, NumpyDtype, describe,
                                            describe_args, is_inert_class)
