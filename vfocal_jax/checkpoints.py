@@ -438,8 +438,8 @@ def check_config(value: Any, path: str, *, field_prefix: str | None = None) -> d
   Eval reads its ``data`` block (the split the run used), a workdir without
   a model card its ``model`` block. So: the file is a JSON object whose field
   names are names; ``data`` and ``model`` are objects; each of their fields
-  that this version knows has the type of its default (null only where the
-  default is null); the fields a model card also holds (``model.embed_dim``,
+  that this version knows has the type of its default (or is null: unset);
+  the fields a model card also holds (``model.embed_dim``,
   ``num_frames``, ``data.mean``, ...) pass the card's checks
   (``model_card.check_fields``). ``data`` fields the file lacks (written by
   an older version) take their defaults, and a warning lists them. Other
@@ -510,7 +510,7 @@ def _check_type(value: Any, default_value: Any, kind: type, path: str, field: st
   """``value`` (JSON) is of the config field's type: bool, int, float (an int too), str, tuple (a list: of the
   default's length and kind of number when the default is a tuple of numbers)."""
   fc = file_checks
-  if value is None and default_value is None:
+  if value is None:  # An unset field: a config may hold None anywhere (the run did with it).
     return
   if kind is bool:
     fc.boolean(value, path, field)
