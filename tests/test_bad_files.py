@@ -391,7 +391,8 @@ def test_a_damaged_loop_state_is_not_used_and_a_warning_says_so(tmp_path, caplog
 
 
 @pytest.mark.parametrize("data,words", [
-    (b'{"oversample": 4', "not valid JSON"), (b"\x89PNG\r\n", "not UTF-8"), (b'{"frames": 3}', "unknown field 'frames'"),
+    (b'{"oversample": 4', "not valid JSON"), (b"\x89PNG\r\n", "not UTF-8"),
+    (b'{"frames": 3}', "unknown field 'frames'"),
     (b'{"oversample": 1}', "oversample is 1, expected a value from 2"), (b"[4]", "the file is a list"),
 ])
 def test_a_damaged_demo_marker_is_refused_and_says_how_to_rebuild(tmp_path, data, words):

@@ -250,8 +250,9 @@ def prepare(config, workdir: str):
     built = read_done_marker(done)
     if built != layout:
       from vfocal_jax import errors
-      raise errors.MismatchError(f"{demo_dir} holds the demo data built with config.demo_dataset {built or 'defaults'}, "
-                       f"not {layout or 'defaults'}: give another --workdir or --config.demo_data_dir.")
+      raise errors.MismatchError(f"{demo_dir} holds the demo data built with config.demo_dataset "
+                                 f"{built or 'defaults'}, not {layout or 'defaults'}: give another --workdir or "
+                                 "--config.demo_data_dir.")
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("demo_data")

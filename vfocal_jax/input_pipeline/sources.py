@@ -56,7 +56,10 @@ def basename(path: str) -> str:
 
 
 def read_text(path: str) -> str:
-  """A text file of any size (make_shards' CSV): missing -> ``MissingFileError``; binary, non-UTF-8 -> ``BadFileError``."""
+  """A text file of any size (make_shards' CSV).
+
+  Missing -> ``MissingFileError``; binary or non-UTF-8 -> ``BadFileError`` naming it.
+  """
   if not tf.io.gfile.exists(path):
     raise errors.MissingFileError(path)
   with tf.io.gfile.GFile(path, "rb") as f:
@@ -79,7 +82,9 @@ def read_lines(path: str) -> list[str]:
 
 
 def read_user_text(path: str) -> str:
-  """A text file the user named, whole: missing -> ``MissingFileError``; binary, non-UTF-8, > 64 MiB -> ``BadFileError``.
+  """A text file the user named, whole.
+
+  Missing -> ``MissingFileError``; binary, non-UTF-8 or over 64 MiB -> ``BadFileError`` naming it.
 
   A leading UTF-8 byte order mark (spreadsheets write one) is dropped.
   """
