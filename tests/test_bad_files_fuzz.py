@@ -349,7 +349,7 @@ def test_structural_damage_is_never_used(outcomes):
   assert by_kind["loop"] <= {"warned", "ok"} and all("warned" not in v for k, v in by_kind.items() if k != "loop")
   goods = {r["kind"]: r for r in outcomes if r["label"] == "good"}
   assert all(r["outcome"] == "ok" for r in goods.values()), [_show(r) for r in goods.values() if r["outcome"] != "ok"]
-  assert len(outcomes) > 900, len(outcomes)
+  assert len(outcomes) > 1500, len(outcomes)
 
 
 # --- Through main.py: exit status 2, one `error:` line naming the file, no traceback. -------------------
