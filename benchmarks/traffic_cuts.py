@@ -43,6 +43,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "remat_modulators": ("remat, saving the modulators (q, m_s, m_t)",
                          {"model.remat": True, "model.remat_policy": "modulators"}),
     "ln_recompute": ("LayerNorm VJP keeps only its input", {"model.layer_norm_impl": "recompute"}),
+    "gate_planes": ("focal gates as compact planes", {"model.gates_layout": "planes"}),
     "shift": ("depthwise convs as shifted multiplies", {"model.depthwise_impl": "shift"}),
     "frames": ("temporal branch in place (B, T, H, W, C)", {"model.temporal_layout": "frames"}),
 }
@@ -118,6 +119,79 @@ def run_variant(name: str, args) -> dict:
   return report
 
 
+_BLOCK_FIELDS = ("layer_norm_impl", "gates_layout", "depthwise_impl", "temporal_layout")
+
+
+def run_block(name: str, args, stage: int) -> dict:
+  """One block of stage ``stage`` (T's widths, 8x224), compiled alone for one chip of ``--topology``.
+
+  ``train``: its forward and backward (``jax.vjp``) on ``--clips_per_chip`` clips; ``eval``: its forward on
+  ``12 x --eval_videos_per_chip`` clips. Minutes of compile instead of the whole step's tens of minutes.
+  """
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from vfocal_jax import hlo_traffic, plan
+  from vfocal_jax.models.video_focalnet import VideoFocalNetBlock, remat_policy
+  what, overrides = VARIANTS[name]
+  model = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("model.")}
+  for item in args.set:
+    key, value = item.split("=", 1)
+    model[key.split(".", 1)[1]] = _parse(value, None)
+  mk = dict(focal_window=3, focal_level=2, num_frames=8, depthwise_impl="xla",
+            **{k: v for k, v in model.items() if k in _BLOCK_FIELDS})
+  cls = VideoFocalNetBlock
+  if model.get("remat"):
+    cls = nn.remat(VideoFocalNetBlock, policy=remat_policy(model.get("remat_policy", "nothing")))
+  block = cls(modulation_kwargs=mk, dtype=jnp.bfloat16)
+  dev = plan.target_devices(args.topology)[0]
+  sh = jax.sharding.SingleDeviceSharding(dev)
+  side, c = 56 >> stage, 96 << stage
+  out = {"variant": name, "what": what, "overrides": {k: str(v) for k, v in overrides.items()}, "stage": stage,
+         "summary": {}}
+  steps = [("train", args.clips_per_chip)] + ([] if args.train_only else [("eval", 12 * args.eval_videos_per_chip)])
+  for step, clips in steps:
+    x = jax.ShapeDtypeStruct((clips * 8, side, side, c), jnp.bfloat16, sharding=sh)
+    params = jax.eval_shape(lambda: block.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype)))["params"]
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), params)
+    if step == "train":
+      def f(p, x, g):
+        _, vjp = jax.vjp(lambda p, x: block.apply({"params": p}, x), p, x)
+        return vjp(g)
+      lower = lambda: jax.jit(f).lower(params, x, x)
+    else:
+      lower = lambda: jax.jit(lambda p, x: block.apply({"params": p}, x)).lower(params, x)
+    t0 = time.time()
+    compiled = lower().compile()
+    text = compiled.as_text()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    b = hlo_traffic.breakdown(text, per=clips, top=10)
+    mem = plan.tpu_specs.memory_stats(compiled)
+    out[step] = {"traffic": b}
+    out["summary"][step] = {
+        "bytes_per_clip": cost["bytes accessed"] / clips, "cycles": b["estimated_cycles"],
+        "flops_per_clip": cost["flops"] / clips, "memory_per_chip": mem["total"], "ms": None, "mfu": None,
+        "compile_seconds": time.time() - t0}
+  return out
+
+
+def block_table(reports: list[dict]) -> str:
+  base = next((r for r in reports if r["variant"] == "base"), None)
+  lines = ["| variant | step | bytes accessed / clip | est. cycles (cost model) | memory / chip |", "|---|---|---|---|---|"]
+  for name in ("train", "eval"):
+    for r in reports:
+      s = r["summary"].get(name)
+      if s is None:
+        continue
+      b = (base or {}).get("summary", {}).get(name) or {}
+      lines.append(f"| {r['variant']} | {name} | {s['bytes_per_clip'] / 2 ** 20:,.1f} MiB"
+                   f"{_ratio(s['bytes_per_clip'], b.get('bytes_per_clip'))} | {s['cycles'] or 0:,.0f}"
+                   f"{_ratio(s['cycles'], b.get('cycles'))} | {s['memory_per_chip'] / 2 ** 20:,.0f} MiB"
+                   f"{_ratio(s['memory_per_chip'], b.get('memory_per_chip'))} |")
+  return "\n".join(lines)
+
+
 def _ratio(x, base):
   return "" if x is None or not base else f" ({x / base:.2f}x)"
 
@@ -169,9 +243,13 @@ def main():
   parser.add_argument("--set", action="append", default=[], help="FIELD=VALUE override for every variant.")
   parser.add_argument("--table_only", action="store_true")
   parser.add_argument("--force", action="store_true", help="Recompile variants already in out_dir.")
+  parser.add_argument("--block", type=int, default=None, metavar="STAGE",
+                      help="Compile one block of this stage alone (fwd+bwd and fwd) instead of the whole steps.")
   args = parser.parse_args()
   os.makedirs(args.out_dir, exist_ok=True)
   tag = "full" if args.depths == "full" else args.depths.strip("()").replace(",", "").replace(" ", "")
+  if args.block is not None:
+    tag = f"block{args.block}"
   if not args.table_only:
     for name in filter(None, args.variants.split(",")):
       if name not in VARIANTS:
@@ -179,7 +257,7 @@ def main():
       path = os.path.join(args.out_dir, f"{tag}_{name}.json")
       if os.path.exists(path) and not args.force:
         continue
-      report = run_variant(name, args)
+      report = run_block(name, args, args.block) if args.block is not None else run_variant(name, args)
       with open(path, "w") as f:
         json.dump(report, f, indent=1, sort_keys=True)
       print(f"{name}: {json.dumps(report['summary'])}", flush=True)
@@ -190,7 +268,10 @@ def main():
         reports.append(json.load(f))
     order = list(VARIANTS)
     reports.sort(key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))
-    print(f"\ndepths {reports[0]['depths']}, {reports[0]['topology']}:\n" + table(reports))
+    if t.startswith("block"):
+      print(f"\none block of stage {t[5:]}, one chip of {args.topology}:\n" + block_table(reports))
+    else:
+      print(f"\ndepths {reports[0]['depths']}, {reports[0]['topology']}:\n" + table(reports))
     print("\n" + parts_table(reports, "train"))
     print("\n" + parts_table(reports, "eval"))
 

@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vfocal_jax import train_config
+from vfocal_jax.configs import default
 from vfocal_jax.errors import ConfigError
 from vfocal_jax.models import create_model
 from vfocal_jax.models import layers
@@ -48,10 +50,15 @@ def _loss_and_grads(model, params, video):
 
 @pytest.mark.parametrize("options", [dict(layer_norm_impl="recompute"),
                                      dict(layer_norm_impl="recompute", use_postln=True,
-                                          use_postln_in_modulation=True)])
+                                          use_postln_in_modulation=True),
+                                     dict(gates_layout="planes"),
+                                     dict(gates_layout="planes", temporal_layout="frames"),
+                                     dict(gates_layout="planes", design="joint3d"),
+                                     dict(gates_layout="planes", layer_norm_impl="recompute", design="sequential")])
 def test_model_options_give_the_same_loss_and_gradients(options):
   video = jnp.asarray(np.random.default_rng(0).normal(size=(2, FRAMES, SIZE, SIZE, 3)), jnp.float32)
-  base = create_model("custom", **{**ARCH, **{k: v for k, v in options.items() if k.startswith("use_")}})
+  arch = {k: v for k, v in options.items() if k.startswith("use_") or k == "design"}
+  base = create_model("custom", **{**ARCH, **arch})
   params = jax.jit(base.init)(jax.random.key(0), video)["params"]
   model = base.clone(**options)
   assert jax.tree.map(jnp.shape, jax.jit(model.init)(jax.random.key(0), video)["params"]) == jax.tree.map(
@@ -64,8 +71,14 @@ def test_model_options_give_the_same_loss_and_gradients(options):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max()), got, want)
 
 
-def test_a_bad_layer_norm_impl_is_one_config_error():
-  model = create_model("custom", layer_norm_impl="fast", **ARCH)
+@pytest.mark.parametrize("field,value,expected", [("layer_norm_impl", "fast", "flax, recompute"),
+                                                  ("gates_layout", "rows", "channels, planes")])
+def test_a_bad_option_is_one_config_error_naming_the_field(field, value, expected):
+  model = create_model("custom", **{**ARCH, field: value})
   video = jnp.zeros((1, FRAMES, SIZE, SIZE, 3))
-  with pytest.raises(ConfigError, match=r"^model\.layer_norm_impl='fast': expected one of flax, recompute"):
+  with pytest.raises(ConfigError, match=rf"^model\.{field}='{value}': expected one of {expected}\."):
     jax.eval_shape(model.init, jax.random.key(0), video)
+  config = default.get_config()
+  config.model[field] = value
+  with pytest.raises(ValueError, match=rf"--config\.model\.{field}={value}: expected one of {expected}"):
+    train_config.validate(config, num_devices=1, num_processes=1)

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from vfocal_jax.errors import ConfigError
@@ -41,18 +42,32 @@ def remat_policy(name: str):
   return REMAT_POLICIES[name]
 
 
-def _focal_context(ctx: jax.Array, gates: jax.Array, focal_convs: Sequence[Any], pool_axes: tuple[int, ...]
-                   ) -> jax.Array:
+GATES_LAYOUTS = ("channels", "planes")
+
+
+def _focal_context(ctx: jax.Array, gates: jax.Array, focal_convs: Sequence[Any], pool_axes: tuple[int, ...],
+                   gates_layout: str = "channels") -> jax.Array:
   """The focal hierarchy: gated sum of GELU(conv) levels plus the global level.
 
-  The global level pools the *last* level's context (after its GELU).
+  The global level pools the *last* level's context (after its GELU). `gates_layout` says how the
+  gates (the last L+1 channels of the projection) reach the products, the numbers being the same:
+  'channels' slices them as `(..., 1)` arrays (as released); 'planes' takes each as a `(...)` plane
+  and materialises the planes (an optimization barrier), so that a TPU lays them out compactly
+  instead of padding a size-1 minor axis to 128 lanes, and broadcasts them in the products.
   """
+  if gates_layout == "planes":
+    planes = lax.optimization_barrier(tuple(gates[..., level] for level in range(gates.shape[-1])))
+    gate = lambda level: planes[level][..., None]
+  elif gates_layout == "channels":
+    gate = lambda level: gates[..., level:level + 1]
+  else:
+    raise ValueError(f"gates_layout={gates_layout!r}: expected one of {GATES_LAYOUTS}.")
   ctx_all = 0.0
   for level, focal_conv in enumerate(focal_convs):
     ctx = gelu(focal_conv(ctx))
-    ctx_all = ctx_all + ctx * gates[..., level:level + 1]
+    ctx_all = ctx_all + ctx * gate(level)
   ctx_global = gelu(ctx.mean(pool_axes, keepdims=True))
-  return ctx_all + ctx_global * gates[..., len(focal_convs):]
+  return ctx_all + ctx_global * gate(len(focal_convs))
 
 
 class FocalModulation(nn.Module):
@@ -71,6 +86,7 @@ class FocalModulation(nn.Module):
   temporal_layout: str = "auto"
   dense_init: str = "official"
   layer_norm_impl: str = "flax"
+  gates_layout: str = "channels"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -87,7 +103,7 @@ class FocalModulation(nn.Module):
     convs = [layers.DepthwiseConv((k, k), self.depthwise_impl, self.dtype, self.param_dtype,
                                   name=f"focal_layers_{l}")
              for l, k in ((l, self._kernel(l)) for l in range(self.focal_level))]
-    ctx_all = _focal_context(ctx, gates, convs, (1, 2))
+    ctx_all = _focal_context(ctx, gates, convs, (1, 2), self.gates_layout)
     if self.normalize_modulator:
       ctx_all = ctx_all / (self.focal_level + 1)
     mod = layers.PointwiseConv(c, 2, self.dtype, self.param_dtype, name="h")(ctx_all)
@@ -113,7 +129,7 @@ class FocalModulation(nn.Module):
     convs = [layers.TemporalConv(c, self._kernel(l), self.temporal_conv == "depthwise", self.depthwise_impl,
                                  self.dtype, self.param_dtype, name=f"focal_layers_temporal_{l}")
              for l in range(self.focal_level)]
-    ctx_all = _focal_context(ctx, gates, convs, (1,))
+    ctx_all = _focal_context(ctx, gates, convs, (1,), self.gates_layout)
     if self.normalize_modulator:
       ctx_all = ctx_all / (self.focal_level + 1)
     mod = layers.PointwiseConv(c, 1, self.dtype, self.param_dtype, name="h_temporal")(ctx_all)
@@ -131,7 +147,7 @@ class FocalModulation(nn.Module):
     convs = [layers.DepthwiseConv((k, k, k), self.depthwise_impl, self.dtype, self.param_dtype,
                                   name=f"focal_layers_{l}")
              for l, k in ((l, self._kernel(l)) for l in range(self.focal_level))]
-    ctx_all = _focal_context(ctx, gates, convs, (1, 2, 3))
+    ctx_all = _focal_context(ctx, gates, convs, (1, 2, 3), self.gates_layout)
     if self.normalize_modulator:
       ctx_all = ctx_all / (self.focal_level + 1)
     mod = layers.PointwiseConv(c, 3, self.dtype, self.param_dtype, name="h")(ctx_all)
@@ -278,8 +294,8 @@ class VideoFocalNet(nn.Module):
   """Video-FocalNet classifier: `(B, T, H, W, 3)` normalised clips -> `(B, num_classes)` float32 logits.
 
   Fields carry the official constructor's names; `design`, `temporal_conv`,
-  `depthwise_impl`, `temporal_layout`, `dense_init`, `dtype`, `param_dtype`, `remat`, `remat_policy` and
-  `layer_norm_impl` are ours
+  `depthwise_impl`, `temporal_layout`, `dense_init`, `dtype`, `param_dtype`, `remat`, `remat_policy`,
+  `layer_norm_impl` and `gates_layout` are ours
   (implementation choices that leave the parameters and the result unchanged, but for `dense_init`).
   `dense_init='fan_in'` is for training from scratch (see
   `layers.dense_initializer`); it changes only the initial values.
@@ -311,6 +327,7 @@ class VideoFocalNet(nn.Module):
   remat: bool = False
   remat_policy: str = "nothing"
   layer_norm_impl: str = "flax"
+  gates_layout: str = "channels"
 
   @nn.compact
   def __call__(self, video: jax.Array, train: bool = False) -> jax.Array:
@@ -329,6 +346,8 @@ class VideoFocalNet(nn.Module):
     if self.layer_norm_impl not in layers.LAYER_NORM_IMPLS:
       raise ConfigError(f"model.layer_norm_impl={self.layer_norm_impl!r}: expected one of "
                         f"{', '.join(layers.LAYER_NORM_IMPLS)}.")
+    if self.gates_layout not in GATES_LAYOUTS:
+      raise ConfigError(f"model.gates_layout={self.gates_layout!r}: expected one of {', '.join(GATES_LAYOUTS)}.")
     frames = t // self.tubelet_size
     video = video.astype(self.dtype)
     x = video if self.tubelet_size > 1 else video.reshape(b * t, h, w, video.shape[-1])
@@ -345,7 +364,8 @@ class VideoFocalNet(nn.Module):
           focal_window=self.focal_windows[i], focal_level=self.focal_levels[i], num_frames=frames,
           use_postln_in_modulation=self.use_postln_in_modulation, normalize_modulator=self.normalize_modulator,
           design=self.design, temporal_conv=self.temporal_conv, depthwise_impl=self.depthwise_impl,
-          temporal_layout=self.temporal_layout, dense_init=self.dense_init, layer_norm_impl=self.layer_norm_impl)
+          temporal_layout=self.temporal_layout, dense_init=self.dense_init, layer_norm_impl=self.layer_norm_impl,
+          gates_layout=self.gates_layout)
       x = BasicLayer(
           drop_paths=tuple(rates[sum(self.depths[:i]):sum(self.depths[:i + 1])]),
           downsample=i < len(self.depths) - 1,
