@@ -544,7 +544,7 @@ def load_params_from_workdir(workdir: paths.PathLike, step: int | None = None) -
   step = manager.latest_step() if step is None else step
   manager.close()
   if step is None:
-    raise FileNotFoundError(f"No checkpoint in {manager.directory}: train first, or give --checkpoint.")
+    raise errors.MissingFileError(manager.directory, "no checkpoint in it yet: train first, or give --checkpoint")
   path = epath.Path(manager.directory) / str(step) / "state"
   with ocp.PyTreeCheckpointer() as checkpointer:
     meta = checkpointer.metadata(path)
