@@ -60,6 +60,8 @@ def planned():
   """The report as its JSON (the contract: ``--json`` and docs/plan.md's keys) and the compile attempts."""
   report, steps = plan.make_report(tiny_config(), topology=TOPOLOGY, pipeline_clips_per_core=PER_CORE)
   assert isinstance(report, plan.Report) and report.train.ok and report.eval.clips_per_chip == 2
+  # The printed report is a function of the JSON: a --json file read back prints the same.
+  assert plan.format_report(report) == plan.format_report(json.loads(json.dumps(report.to_json())))
   return report.to_json(), steps
 
 

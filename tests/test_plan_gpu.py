@@ -54,6 +54,7 @@ def test_gpu_topology_without_the_plugin_is_one_line():
 def planned():
   pytest.importorskip("jax_cuda12_plugin", reason=NO_PLUGIN)
   report, steps = plan.make_report(tiny_config(), topology=TOPOLOGY)
+  assert plan.format_report(report) == plan.format_report(json.loads(json.dumps(report.to_json())))
   return report.to_json(), steps
 
 
