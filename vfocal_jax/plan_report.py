@@ -41,6 +41,12 @@ class JsonRecord:
       out[f.name] = to_jsonable(v)
     return out
 
+  def __getitem__(self, key):  # The results were dicts until issue 22: say how to read them now.
+    raise TypeError(f"{type(self).__name__} is a dataclass: read .{key} or .to_json()[{key!r}] (the --json dict)")
+
+  def __setitem__(self, key, value):
+    raise TypeError(f"{type(self).__name__} is a dataclass: set .{key}, or add {key!r} to .to_json()'s dict")
+
 
 @dataclasses.dataclass
 class StepReport(JsonRecord):
