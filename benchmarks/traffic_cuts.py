@@ -43,7 +43,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "remat_modulators": ("remat, saving the modulators (q, m_s, m_t)",
                          {"model.remat": True, "model.remat_policy": "modulators"}),
     "ln_recompute": ("LayerNorm VJP keeps only its input", {"model.layer_norm_impl": "recompute"}),
-    "gate_planes": ("focal gates as compact planes", {"model.gates_layout": "planes"}),
+    "split_proj": ("focal projections: a matmul per group, the gates as reductions",
+                   {"model.focal_projection": "split"}),
     "shift": ("depthwise convs as shifted multiplies", {"model.depthwise_impl": "shift"}),
     "frames": ("temporal branch in place (B, T, H, W, C)", {"model.temporal_layout": "frames"}),
 }
@@ -119,7 +120,7 @@ def run_variant(name: str, args) -> dict:
   return report
 
 
-_BLOCK_FIELDS = ("layer_norm_impl", "gates_layout", "depthwise_impl", "temporal_layout")
+_BLOCK_FIELDS = ("layer_norm_impl", "focal_projection", "depthwise_impl", "temporal_layout")
 
 
 def run_block(name: str, args, stage: int) -> dict:
@@ -176,9 +177,49 @@ def run_block(name: str, args, stage: int) -> dict:
   return out
 
 
+def floor(name: str, depths=(2, 2, 6, 2), clips: int = 8) -> dict:
+  """The least a block can move per clip: its input and output once, and what autodiff keeps for the backward.
+
+  Per stage (T's widths, 8x224, bf16, no TPU padding): ``residuals`` (``jax``'s saved residuals of the block's
+  VJP under the variant's options, the block input included), ``train`` = forward read input + write output +
+  write residuals, backward read cotangent + write input cotangent + read residuals; ``eval`` = read input +
+  write output. Summed over ``depths`` blocks. No compile: a floor to hold the compiled bytes against.
+  """
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax._src.ad_checkpoint import saved_residuals
+  from vfocal_jax.models.video_focalnet import VideoFocalNetBlock, remat_policy
+  _, overrides = VARIANTS[name]
+  model = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("model.")}
+  mk = dict(focal_window=3, focal_level=2, num_frames=8, depthwise_impl="xla",
+            **{k: v for k, v in model.items() if k in _BLOCK_FIELDS})
+  cls = VideoFocalNetBlock
+  if model.get("remat"):
+    cls = nn.remat(VideoFocalNetBlock, policy=remat_policy(model.get("remat_policy", "nothing")))
+  block = cls(modulation_kwargs=mk, dtype=jnp.bfloat16)
+  out = {"variant": name, "stages": []}
+  for stage, depth in enumerate(depths):
+    side, c = 56 >> stage, 96 << stage
+    x = jnp.zeros((clips * 8, side, side, c), jnp.bfloat16)
+    params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                          jax.eval_shape(lambda: block.init(jax.random.key(0), x))["params"])
+    res = saved_residuals(lambda p, x: jnp.sum(block.apply({"params": p}, x).astype(jnp.float32)), params, x)
+    act = x.size * x.dtype.itemsize / clips
+    resid = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a, why in res
+                if not str(why).startswith("from the argument p")) / clips
+    out["stages"].append({"stage": stage, "blocks": depth, "activation": act, "residuals": resid,
+                          "train": depth * (4 * act + 2 * resid), "eval": depth * 2 * act})
+  out["train"] = sum(s["train"] for s in out["stages"])
+  out["eval"] = sum(s["eval"] for s in out["stages"])
+  return out
+
+
 def block_table(reports: list[dict]) -> str:
   base = next((r for r in reports if r["variant"] == "base"), None)
-  lines = ["| variant | step | bytes accessed / clip | est. cycles (cost model) | memory / chip |", "|---|---|---|---|---|"]
+  lines = ["| variant | step | bytes accessed / clip | est. cycles (cost model) | memory / chip |",
+           "|---|---|---|---|---|"]
   for name in ("train", "eval"):
     for r in reports:
       s = r["summary"].get(name)
@@ -243,9 +284,20 @@ def main():
   parser.add_argument("--set", action="append", default=[], help="FIELD=VALUE override for every variant.")
   parser.add_argument("--table_only", action="store_true")
   parser.add_argument("--force", action="store_true", help="Recompile variants already in out_dir.")
+  parser.add_argument("--floor", action="store_true",
+                      help="Print the least bytes per clip the blocks can move (no compile) for --variants.")
   parser.add_argument("--block", type=int, default=None, metavar="STAGE",
                       help="Compile one block of this stage alone (fwd+bwd and fwd) instead of the whole steps.")
   args = parser.parse_args()
+  if args.floor:
+    depths = (2, 2, 6, 2) if args.depths == "full" else ast.literal_eval(args.depths)
+    print(f"blocks {tuple(depths)}, MiB per clip (bf16, unpadded): residuals kept per block by stage; floor")
+    print("| variant | residuals / block, stages 0-3 | train floor | eval floor |\n|---|---|---|---|")
+    for name in filter(None, args.variants.split(",")):
+      f = floor(name, depths, args.clips_per_chip)
+      per = ", ".join(f"{s['residuals'] / 2 ** 20:.2f}" for s in f["stages"])
+      print(f"| {name} | {per} | {f['train'] / 2 ** 20:,.1f} | {f['eval'] / 2 ** 20:,.1f} |", flush=True)
+    return
   os.makedirs(args.out_dir, exist_ok=True)
   tag = "full" if args.depths == "full" else args.depths.strip("()").replace(",", "").replace(" ", "")
   if args.block is not None:

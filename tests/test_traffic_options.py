@@ -51,10 +51,10 @@ def _loss_and_grads(model, params, video):
 @pytest.mark.parametrize("options", [dict(layer_norm_impl="recompute"),
                                      dict(layer_norm_impl="recompute", use_postln=True,
                                           use_postln_in_modulation=True),
-                                     dict(gates_layout="planes"),
-                                     dict(gates_layout="planes", temporal_layout="frames"),
-                                     dict(gates_layout="planes", design="joint3d"),
-                                     dict(gates_layout="planes", layer_norm_impl="recompute", design="sequential")])
+                                     dict(focal_projection="split"),
+                                     dict(focal_projection="split", temporal_layout="frames"),
+                                     dict(focal_projection="split", design="joint3d"),
+                                     dict(focal_projection="split", layer_norm_impl="recompute", design="sequential")])
 def test_model_options_give_the_same_loss_and_gradients(options):
   video = jnp.asarray(np.random.default_rng(0).normal(size=(2, FRAMES, SIZE, SIZE, 3)), jnp.float32)
   arch = {k: v for k, v in options.items() if k.startswith("use_") or k == "design"}
@@ -72,7 +72,7 @@ def test_model_options_give_the_same_loss_and_gradients(options):
 
 
 @pytest.mark.parametrize("field,value,expected", [("layer_norm_impl", "fast", "flax, recompute"),
-                                                  ("gates_layout", "rows", "channels, planes")])
+                                                  ("focal_projection", "rows", "fused, split")])
 def test_a_bad_option_is_one_config_error_naming_the_field(field, value, expected):
   model = create_model("custom", **{**ARCH, field: value})
   video = jnp.zeros((1, FRAMES, SIZE, SIZE, 3))
@@ -82,3 +82,17 @@ def test_a_bad_option_is_one_config_error_naming_the_field(field, value, expecte
   config.model[field] = value
   with pytest.raises(ValueError, match=rf"--config\.model\.{field}={value}: expected one of {expected}"):
     train_config.validate(config, num_devices=1, num_processes=1)
+
+
+@pytest.mark.parametrize("design", ["parallel", "joint3d"])
+def test_split_projection_float64(design):
+  """focal_projection='split' computes the released function: float64 agrees with 'fused' to rounding."""
+  with jax.enable_x64(True):
+    video = jnp.asarray(np.random.default_rng(1).normal(size=(2, FRAMES, SIZE, SIZE, 3)), jnp.float64)
+    base = create_model("custom", design=design, dtype=jnp.float64, param_dtype=jnp.float64, **ARCH)
+    params = jax.jit(base.init)(jax.random.key(0), video)["params"]
+    params = jax.tree.map(lambda p: p + 0.3 * np.random.default_rng(p.size).normal(size=p.shape), params)
+    want = jax.jit(base.apply)({"params": params}, video)
+    got = jax.jit(base.clone(focal_projection="split").apply)({"params": params}, video)
+    assert np.abs(want).max() > 0.1
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)

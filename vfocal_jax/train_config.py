@@ -51,10 +51,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     from vfocal_jax.models.layers import LAYER_NORM_IMPLS  # pylint: disable=import-outside-toplevel
     if str(config.model.layer_norm_impl) not in LAYER_NORM_IMPLS:
       bad("model.layer_norm_impl", f"expected one of {', '.join(LAYER_NORM_IMPLS)}")
-  if "model" in config and "gates_layout" in config.model:
-    from vfocal_jax.models.video_focalnet import GATES_LAYOUTS  # pylint: disable=import-outside-toplevel
-    if str(config.model.gates_layout) not in GATES_LAYOUTS:
-      bad("model.gates_layout", f"expected one of {', '.join(GATES_LAYOUTS)}")
+  if "model" in config and "focal_projection" in config.model:
+    from vfocal_jax.models.video_focalnet import FOCAL_PROJECTIONS  # pylint: disable=import-outside-toplevel
+    if str(config.model.focal_projection) not in FOCAL_PROJECTIONS:
+      bad("model.focal_projection", f"expected one of {', '.join(FOCAL_PROJECTIONS)}")
 
   num_devices = jax.device_count() if num_devices is None else num_devices
   num_processes = jax.process_count() if num_processes is None else num_processes

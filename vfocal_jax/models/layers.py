@@ -293,6 +293,18 @@ def dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype, use_bias: 
                   kernel_init=dense_initializer(init), name=name)
 
 
+class DenseParams(nn.Module):
+  """The kernel and bias `dense(features, ...)` creates (same names, shapes, init), returned unused."""
+  features: int
+  init: str = "official"
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+    return (self.param("kernel", dense_initializer(self.init), (in_features, self.features), self.param_dtype),
+            self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype))
+
+
 def conv(features: int, kernel_size: Sequence[int], name: str, dtype: Dtype, param_dtype: Dtype,
          strides: Sequence[int] | None = None, padding: Any = "SAME", use_bias: bool = True) -> nn.Conv:
   return nn.Conv(features, tuple(kernel_size), strides=strides, padding=padding, use_bias=use_bias,

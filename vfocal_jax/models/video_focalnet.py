@@ -42,32 +42,22 @@ def remat_policy(name: str):
   return REMAT_POLICIES[name]
 
 
-GATES_LAYOUTS = ("channels", "planes")
+FOCAL_PROJECTIONS = ("fused", "split")
 
 
-def _focal_context(ctx: jax.Array, gates: jax.Array, focal_convs: Sequence[Any], pool_axes: tuple[int, ...],
-                   gates_layout: str = "channels") -> jax.Array:
+def _focal_context(ctx: jax.Array, gates: Sequence[jax.Array], focal_convs: Sequence[Any],
+                   pool_axes: tuple[int, ...]) -> jax.Array:
   """The focal hierarchy: gated sum of GELU(conv) levels plus the global level.
 
-  The global level pools the *last* level's context (after its GELU). `gates_layout` says how the
-  gates (the last L+1 channels of the projection) reach the products, the numbers being the same:
-  'channels' slices them as `(..., 1)` arrays (as released); 'planes' takes each as a `(...)` plane
-  and materialises the planes (an optimization barrier), so that a TPU lays them out compactly
-  instead of padding a size-1 minor axis to 128 lanes, and broadcasts them in the products.
+  `gates[l]` broadcasts against `ctx` (`(..., 1)`). The global level pools the *last* level's context
+  (after its GELU).
   """
-  if gates_layout == "planes":
-    planes = lax.optimization_barrier(tuple(gates[..., level] for level in range(gates.shape[-1])))
-    gate = lambda level: planes[level][..., None]
-  elif gates_layout == "channels":
-    gate = lambda level: gates[..., level:level + 1]
-  else:
-    raise ValueError(f"gates_layout={gates_layout!r}: expected one of {GATES_LAYOUTS}.")
   ctx_all = 0.0
   for level, focal_conv in enumerate(focal_convs):
     ctx = gelu(focal_conv(ctx))
-    ctx_all = ctx_all + ctx * gate(level)
+    ctx_all = ctx_all + ctx * gates[level]
   ctx_global = gelu(ctx.mean(pool_axes, keepdims=True))
-  return ctx_all + ctx_global * gate(len(focal_convs))
+  return ctx_all + ctx_global * gates[len(focal_convs)]
 
 
 class FocalModulation(nn.Module):
@@ -86,7 +76,7 @@ class FocalModulation(nn.Module):
   temporal_layout: str = "auto"
   dense_init: str = "official"
   layer_norm_impl: str = "flax"
-  gates_layout: str = "channels"
+  focal_projection: str = "fused"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -96,14 +86,45 @@ class FocalModulation(nn.Module):
   def _kernel(self, level: int) -> int:
     return self.focal_factor * level + self.focal_window
 
+  def _project(self, x: jax.Array, widths: tuple[int, ...], name: str, shape: tuple[int, ...] | None = None
+               ) -> tuple[list[jax.Array], list[jax.Array]]:
+    """The focal projection `name` (a Dense to `sum(widths) + L + 1` channels): its `widths` groups and gates.
+
+    Returns (groups, gates), each reshaped to `shape + (-1,)` if given; `gates[l]` is `(..., 1)`.
+    `focal_projection='fused'` (as released): one matmul, sliced. 'split': the same parameters, one matmul per
+    group and the L+1 gates as per-token reductions over the channels (accumulated in float32, then rounded to
+    the compute dtype, plus the bias: as the matmul): no 1-channel arrays, which a TPU pads to 128 lanes.
+    """
+    n_gates = self.focal_level + 1
+    features = sum(widths) + n_gates
+    shape = tuple(x.shape[:-1]) if shape is None else shape
+    if self.focal_projection == "fused":
+      xs = self._dense(features, name)(x).reshape(shape + (features,))
+      bounds = [sum(widths[:i]) for i in range(len(widths) + 1)]
+      groups = [xs[..., a:b] for a, b in zip(bounds, bounds[1:])]
+      return groups, [xs[..., g:g + 1] for g in range(bounds[-1], features)]
+    if self.focal_projection != "split":
+      raise ValueError(f"focal_projection={self.focal_projection!r}: expected one of {FOCAL_PROJECTIONS}.")
+    kernel, bias = layers.DenseParams(features, self.dense_init, self.param_dtype, name=name)(x.shape[-1])
+    x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+    groups, start = [], 0
+    for width in widths:
+      y = lax.dot_general(x, kernel[:, start:start + width], (((x.ndim - 1,), (0,)), ((), ())))
+      groups.append((y + bias[start:start + width]).reshape(shape + (width,)))
+      start += width
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    xa = x.astype(acc)
+    gates = [(jnp.sum(xa * kernel[:, g].astype(acc), axis=-1).astype(x.dtype) + bias[g]).reshape(shape + (1,))
+             for g in range(start, features)]
+    return groups, gates
+
   def _spatial(self, x: jax.Array, c: int) -> tuple[jax.Array, jax.Array]:
     """Returns (query, spatial modulator) of the image focal modulation."""
-    xs = self._dense(2 * c + self.focal_level + 1, "f")(x)
-    q, ctx, gates = xs[..., :c], xs[..., c:2 * c], xs[..., 2 * c:]
+    (q, ctx), gates = self._project(x, (c, c), "f")
     convs = [layers.DepthwiseConv((k, k), self.depthwise_impl, self.dtype, self.param_dtype,
                                   name=f"focal_layers_{l}")
              for l, k in ((l, self._kernel(l)) for l in range(self.focal_level))]
-    ctx_all = _focal_context(ctx, gates, convs, (1, 2), self.gates_layout)
+    ctx_all = _focal_context(ctx, gates, convs, (1, 2))
     if self.normalize_modulator:
       ctx_all = ctx_all / (self.focal_level + 1)
     mod = layers.PointwiseConv(c, 2, self.dtype, self.param_dtype, name="h")(ctx_all)
@@ -122,14 +143,11 @@ class FocalModulation(nn.Module):
     regroup = layers.resolve_temporal_layout(self.temporal_layout) == "regroup"
     if regroup:  # (B*H*W, T, C), as released.
       x = x.reshape(bt // t, t, h, w, c).transpose(0, 2, 3, 1, 4).reshape(-1, t, c)
-    xt = self._dense(c + self.focal_level + 1, "f_temporal")(x)
-    if not regroup:
-      xt = xt.reshape(bt // t, t, h, w, -1)
-    ctx, gates = xt[..., :c], xt[..., c:]
+    (ctx,), gates = self._project(x, (c,), "f_temporal", None if regroup else (bt // t, t, h, w))
     convs = [layers.TemporalConv(c, self._kernel(l), self.temporal_conv == "depthwise", self.depthwise_impl,
                                  self.dtype, self.param_dtype, name=f"focal_layers_temporal_{l}")
              for l in range(self.focal_level)]
-    ctx_all = _focal_context(ctx, gates, convs, (1,), self.gates_layout)
+    ctx_all = _focal_context(ctx, gates, convs, (1,))
     if self.normalize_modulator:
       ctx_all = ctx_all / (self.focal_level + 1)
     mod = layers.PointwiseConv(c, 1, self.dtype, self.param_dtype, name="h_temporal")(ctx_all)
@@ -141,13 +159,11 @@ class FocalModulation(nn.Module):
     """One focal hierarchy of depthwise 3-D convs over (T, H, W)."""
     bt, h, w, _ = x.shape
     t = self.num_frames
-    xs = self._dense(2 * c + self.focal_level + 1, "f")(x)
-    xs = xs.reshape(bt // t, t, h, w, -1)
-    q, ctx, gates = xs[..., :c], xs[..., c:2 * c], xs[..., 2 * c:]
+    (q, ctx), gates = self._project(x, (c, c), "f", (bt // t, t, h, w))
     convs = [layers.DepthwiseConv((k, k, k), self.depthwise_impl, self.dtype, self.param_dtype,
                                   name=f"focal_layers_{l}")
              for l, k in ((l, self._kernel(l)) for l in range(self.focal_level))]
-    ctx_all = _focal_context(ctx, gates, convs, (1, 2, 3), self.gates_layout)
+    ctx_all = _focal_context(ctx, gates, convs, (1, 2, 3))
     if self.normalize_modulator:
       ctx_all = ctx_all / (self.focal_level + 1)
     mod = layers.PointwiseConv(c, 3, self.dtype, self.param_dtype, name="h")(ctx_all)
@@ -295,7 +311,7 @@ class VideoFocalNet(nn.Module):
 
   Fields carry the official constructor's names; `design`, `temporal_conv`,
   `depthwise_impl`, `temporal_layout`, `dense_init`, `dtype`, `param_dtype`, `remat`, `remat_policy`,
-  `layer_norm_impl` and `gates_layout` are ours
+  `layer_norm_impl` and `focal_projection` are ours
   (implementation choices that leave the parameters and the result unchanged, but for `dense_init`).
   `dense_init='fan_in'` is for training from scratch (see
   `layers.dense_initializer`); it changes only the initial values.
@@ -327,7 +343,7 @@ class VideoFocalNet(nn.Module):
   remat: bool = False
   remat_policy: str = "nothing"
   layer_norm_impl: str = "flax"
-  gates_layout: str = "channels"
+  focal_projection: str = "fused"
 
   @nn.compact
   def __call__(self, video: jax.Array, train: bool = False) -> jax.Array:
@@ -346,8 +362,9 @@ class VideoFocalNet(nn.Module):
     if self.layer_norm_impl not in layers.LAYER_NORM_IMPLS:
       raise ConfigError(f"model.layer_norm_impl={self.layer_norm_impl!r}: expected one of "
                         f"{', '.join(layers.LAYER_NORM_IMPLS)}.")
-    if self.gates_layout not in GATES_LAYOUTS:
-      raise ConfigError(f"model.gates_layout={self.gates_layout!r}: expected one of {', '.join(GATES_LAYOUTS)}.")
+    if self.focal_projection not in FOCAL_PROJECTIONS:
+      raise ConfigError(f"model.focal_projection={self.focal_projection!r}: expected one of "
+                        f"{', '.join(FOCAL_PROJECTIONS)}.")
     frames = t // self.tubelet_size
     video = video.astype(self.dtype)
     x = video if self.tubelet_size > 1 else video.reshape(b * t, h, w, video.shape[-1])
@@ -365,7 +382,7 @@ class VideoFocalNet(nn.Module):
           use_postln_in_modulation=self.use_postln_in_modulation, normalize_modulator=self.normalize_modulator,
           design=self.design, temporal_conv=self.temporal_conv, depthwise_impl=self.depthwise_impl,
           temporal_layout=self.temporal_layout, dense_init=self.dense_init, layer_norm_impl=self.layer_norm_impl,
-          gates_layout=self.gates_layout)
+          focal_projection=self.focal_projection)
       x = BasicLayer(
           drop_paths=tuple(rates[sum(self.depths[:i]):sum(self.depths[:i + 1])]),
           downsample=i < len(self.depths) - 1,
