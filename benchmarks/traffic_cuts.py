@@ -45,6 +45,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "ln_recompute": ("LayerNorm VJP keeps only its input", {"model.layer_norm_impl": "recompute"}),
     "split_proj": ("focal projections: a matmul per group, the gates as reductions",
                    {"model.focal_projection": "split"}),
+    "split_frames": ("split projections, temporal branch in place",
+                     {"model.focal_projection": "split", "model.temporal_layout": "frames"}),
+    "split_ln": ("split projections, LayerNorm VJP keeps only its input",
+                 {"model.focal_projection": "split", "model.layer_norm_impl": "recompute"}),
     "shift": ("depthwise convs as shifted multiplies", {"model.depthwise_impl": "shift"}),
     "frames": ("temporal branch in place (B, T, H, W, C)", {"model.temporal_layout": "frames"}),
 }
@@ -112,6 +116,7 @@ def run_variant(name: str, args) -> dict:
   config = build_config(overrides, depths, args.clips_per_chip, args.eval_videos_per_chip, chips)
   t0 = time.time()
   report, _ = plan.make_report(config, topology=args.topology, train_only=args.train_only, log=lambda s: None)
+  report = report.to_json() if hasattr(report, "to_json") else dict(report)
   report["variant"], report["what"] = name, what
   report["overrides"] = {k: str(v) for k, v in overrides.items()}
   report["depths"] = args.depths
@@ -139,8 +144,8 @@ def run_block(name: str, args, stage: int) -> dict:
   for item in args.set:
     key, value = item.split("=", 1)
     model[key.split(".", 1)[1]] = _parse(value, None)
-  mk = dict(focal_window=3, focal_level=2, num_frames=8, depthwise_impl="xla",
-            **{k: v for k, v in model.items() if k in _BLOCK_FIELDS})
+  mk = {"focal_window": 3, "focal_level": 2, "num_frames": 8, "depthwise_impl": "xla",
+        **{k: v for k, v in model.items() if k in _BLOCK_FIELDS}}
   cls = VideoFocalNetBlock
   if model.get("remat"):
     cls = nn.remat(VideoFocalNetBlock, policy=remat_policy(model.get("remat_policy", "nothing")))
@@ -193,8 +198,8 @@ def floor(name: str, depths=(2, 2, 6, 2), clips: int = 8) -> dict:
   from vfocal_jax.models.video_focalnet import VideoFocalNetBlock, remat_policy
   _, overrides = VARIANTS[name]
   model = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("model.")}
-  mk = dict(focal_window=3, focal_level=2, num_frames=8, depthwise_impl="xla",
-            **{k: v for k, v in model.items() if k in _BLOCK_FIELDS})
+  mk = {"focal_window": 3, "focal_level": 2, "num_frames": 8, "depthwise_impl": "xla",
+        **{k: v for k, v in model.items() if k in _BLOCK_FIELDS}}
   cls = VideoFocalNetBlock
   if model.get("remat"):
     cls = nn.remat(VideoFocalNetBlock, policy=remat_policy(model.get("remat_policy", "nothing")))
@@ -207,13 +212,44 @@ def floor(name: str, depths=(2, 2, 6, 2), clips: int = 8) -> dict:
                           jax.eval_shape(lambda: block.init(jax.random.key(0), x))["params"])
     res = saved_residuals(lambda p, x: jnp.sum(block.apply({"params": p}, x).astype(jnp.float32)), params, x)
     act = x.size * x.dtype.itemsize / clips
+    fwd = lambda p, x: block.apply({"params": p}, x)
+    eval_io = _matmul_io(jax.make_jaxpr(fwd)(params, x).jaxpr) / clips
+    train_io = _matmul_io(jax.make_jaxpr(lambda p, x: jax.vjp(fwd, p, x)[1](x))(params, x).jaxpr) / clips
     resid = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a, why in res
                 if not str(why).startswith("from the argument p")) / clips
     out["stages"].append({"stage": stage, "blocks": depth, "activation": act, "residuals": resid,
-                          "train": depth * (4 * act + 2 * resid), "eval": depth * 2 * act})
-  out["train"] = sum(s["train"] for s in out["stages"])
-  out["eval"] = sum(s["eval"] for s in out["stages"])
+                          "train": depth * (4 * act + 2 * resid), "eval": depth * 2 * act,
+                          "train_matmul_io": depth * train_io, "eval_matmul_io": depth * eval_io})
+  for key in ("train", "eval", "train_matmul_io", "eval_matmul_io"):
+    out[key] = sum(s[key] for s in out["stages"])
   return out
+
+
+def _matmul_io(jaxpr) -> float:
+  """Bytes the matmuls and convolutions of ``jaxpr`` read and write, each operand and result once.
+
+  The traffic of a program in which every element-wise op is fused into a matmul or convolution
+  and nothing else is materialised (no padding): what op-by-op compilation cannot go below.
+  """
+  import numpy as np
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    for sub in _subjaxprs(eqn):
+      total += _matmul_io(sub)
+    if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+      for v in list(eqn.invars) + list(eqn.outvars):
+        aval = v.aval
+        total += int(np.prod(aval.shape)) * aval.dtype.itemsize
+  return total
+
+
+def _subjaxprs(eqn):
+  for value in eqn.params.values():
+    for v in (value if isinstance(value, (tuple, list)) else (value,)):
+      if hasattr(v, "eqns"):
+        yield v
+      elif hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
+        yield v.jaxpr
 
 
 def block_table(reports: list[dict]) -> str:
@@ -291,12 +327,15 @@ def main():
   args = parser.parse_args()
   if args.floor:
     depths = (2, 2, 6, 2) if args.depths == "full" else ast.literal_eval(args.depths)
-    print(f"blocks {tuple(depths)}, MiB per clip (bf16, unpadded): residuals kept per block by stage; floor")
-    print("| variant | residuals / block, stages 0-3 | train floor | eval floor |\n|---|---|---|---|")
+    print(f"blocks {tuple(depths)}, MiB per clip (bf16, unpadded): residuals kept per block by stage; floors")
+    print("| variant | residuals / block, stages 0-3 | train: I/O + residuals | train: matmul I/O | "
+          "eval: I/O | eval: matmul I/O |\n|---|---|---|---|---|---|")
     for name in filter(None, args.variants.split(",")):
       f = floor(name, depths, args.clips_per_chip)
       per = ", ".join(f"{s['residuals'] / 2 ** 20:.2f}" for s in f["stages"])
-      print(f"| {name} | {per} | {f['train'] / 2 ** 20:,.1f} | {f['eval'] / 2 ** 20:,.1f} |", flush=True)
+      mib = lambda k: f"{f[k] / 2 ** 20:,.1f}"
+      print(f"| {name} | {per} | {mib('train')} | {mib('train_matmul_io')} | {mib('eval')} | "
+            f"{mib('eval_matmul_io')} |", flush=True)
     return
   os.makedirs(args.out_dir, exist_ok=True)
   tag = "full" if args.depths == "full" else args.depths.strip("()").replace(",", "").replace(" ", "")
