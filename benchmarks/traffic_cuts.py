@@ -22,6 +22,7 @@ import ast
 import glob
 import json
 import os
+import re
 import sys
 import time
 
@@ -45,6 +46,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "ln_recompute": ("LayerNorm VJP keeps only its input", {"model.layer_norm_impl": "recompute"}),
     "split_proj": ("focal projections: a matmul per group, the gates as reductions",
                    {"model.focal_projection": "split"}),
+    "split_spatial": ("the spatial projection split, the temporal one fused",
+                      {"model.focal_projection": "split_spatial"}),
     "split_frames": ("split projections, temporal branch in place",
                      {"model.focal_projection": "split", "model.temporal_layout": "frames"}),
     "split_ln": ("split projections, LayerNorm VJP keeps only its input",
@@ -169,7 +172,8 @@ def run_block(name: str, args, stage: int) -> dict:
       lower = lambda: jax.jit(lambda p, x: block.apply({"params": p}, x)).lower(params, x)
     t0 = time.time()
     compiled = lower().compile()
-    text = compiled.as_text()
+    # Name the block as the whole model's stage `stage` block 0, so that hlo_traffic splits it into its parts.
+    text = re.sub(r"VideoFocalNetBlock(\)*)/", rf"VideoFocalNet\1/layers_{stage}/blocks_0/", compiled.as_text())
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     b = hlo_traffic.breakdown(text, per=clips, top=10)

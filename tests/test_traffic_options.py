@@ -54,7 +54,8 @@ def _loss_and_grads(model, params, video):
                                      dict(focal_projection="split"),
                                      dict(focal_projection="split", temporal_layout="frames"),
                                      dict(focal_projection="split", design="joint3d"),
-                                     dict(focal_projection="split", layer_norm_impl="recompute", design="sequential")])
+                                     dict(focal_projection="split", layer_norm_impl="recompute", design="sequential"),
+                                     dict(focal_projection="split_spatial")])
 def test_model_options_give_the_same_loss_and_gradients(options):
   video = jnp.asarray(np.random.default_rng(0).normal(size=(2, FRAMES, SIZE, SIZE, 3)), jnp.float32)
   arch = {k: v for k, v in options.items() if k.startswith("use_") or k == "design"}
@@ -72,7 +73,7 @@ def test_model_options_give_the_same_loss_and_gradients(options):
 
 
 @pytest.mark.parametrize("field,value,expected", [("layer_norm_impl", "fast", "flax, recompute"),
-                                                  ("focal_projection", "rows", "fused, split")])
+                                                  ("focal_projection", "rows", "fused, split, split_spatial")])
 def test_a_bad_option_is_one_config_error_naming_the_field(field, value, expected):
   model = create_model("custom", **{**ARCH, field: value})
   video = jnp.zeros((1, FRAMES, SIZE, SIZE, 3))

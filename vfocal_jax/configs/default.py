@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.remat_policy = "nothing"  # With remat: what a block keeps for its backward: nothing | dots |
   #                                      dots_no_batch | modulators | everything (docs/traffic_cuts.md).
   config.model.layer_norm_impl = "flax"     # flax | recompute: same forward, a VJP that keeps only the input.
-  config.model.focal_projection = "fused"  # fused | split: a matmul per group, gates as reductions (same params).
+  config.model.focal_projection = "fused"  # fused | split | split_spatial: a matmul per group, gates as reductions.
   config.model.dense_init = "official"  # Linear init: official trunc_normal(0.02) | fan_in (from scratch; docs/training.md).
 
   # Input pipeline (every field documented in configs/data.py).

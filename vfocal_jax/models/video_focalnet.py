@@ -42,7 +42,7 @@ def remat_policy(name: str):
   return REMAT_POLICIES[name]
 
 
-FOCAL_PROJECTIONS = ("fused", "split")
+FOCAL_PROJECTIONS = ("fused", "split", "split_spatial")
 
 
 def _focal_context(ctx: jax.Array, gates: Sequence[jax.Array], focal_convs: Sequence[Any],
@@ -94,17 +94,18 @@ class FocalModulation(nn.Module):
     `focal_projection='fused'` (as released): one matmul, sliced. 'split': the same parameters, one matmul per
     group and the L+1 gates as per-token reductions over the channels (accumulated in float32, then rounded to
     the compute dtype, plus the bias: as the matmul): no 1-channel arrays, which a TPU pads to 128 lanes.
+    'split_spatial': 'split' for the spatial projection `f` only, `f_temporal` fused.
     """
     n_gates = self.focal_level + 1
     features = sum(widths) + n_gates
     shape = tuple(x.shape[:-1]) if shape is None else shape
-    if self.focal_projection == "fused":
+    if self.focal_projection not in FOCAL_PROJECTIONS:
+      raise ValueError(f"focal_projection={self.focal_projection!r}: expected one of {FOCAL_PROJECTIONS}.")
+    if not (self.focal_projection == "split" or (self.focal_projection == "split_spatial" and name == "f")):
       xs = self._dense(features, name)(x).reshape(shape + (features,))
       bounds = [sum(widths[:i]) for i in range(len(widths) + 1)]
       groups = [xs[..., a:b] for a, b in zip(bounds, bounds[1:])]
       return groups, [xs[..., g:g + 1] for g in range(bounds[-1], features)]
-    if self.focal_projection != "split":
-      raise ValueError(f"focal_projection={self.focal_projection!r}: expected one of {FOCAL_PROJECTIONS}.")
     kernel, bias = layers.DenseParams(features, self.dense_init, self.param_dtype, name=name)(x.shape[-1])
     x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
     groups, start = [], 0
