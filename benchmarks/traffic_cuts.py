@@ -4,6 +4,8 @@
     nice -n 10 python benchmarks/traffic_cuts.py --out_dir=/tmp/cuts --variants=base,remat_dots
     nice -n 10 python benchmarks/traffic_cuts.py --out_dir=/tmp/cuts_full --depths=full --variants=base,best
     python benchmarks/traffic_cuts.py --out_dir=/tmp/cuts --table_only                 # the table of what is done
+    nice -n 10 python benchmarks/traffic_cuts.py --block=0 --out_dir=/tmp/blk          # one stage-0 block alone
+    python benchmarks/traffic_cuts.py --floor --depths=full                            # the floors, no compile
 
 Each variant is a set of ``--config.FIELD`` overrides of ``configs/k400_tiny.py``
 (Video-FocalNet-T's widths; ``--depths`` picks the blocks per stage, default
@@ -14,6 +16,10 @@ views). One JSON per variant goes to ``--out_dir`` so variants can run one at a
 time (in the background) and the table is printed from whatever is there:
 bytes accessed per clip, the estimated step time, MFU and memory per chip, each
 also as a ratio to the ``base`` variant (today's defaults). Nothing runs on a TPU.
+
+``--block=STAGE`` compiles one block of that stage alone for one chip (forward+backward and forward: about
+a minute each instead of tens of minutes for the whole steps); ``--floor`` prints, without compiling, the
+least bytes per clip the blocks must move (see ``floor``).
 """
 from __future__ import annotations
 
