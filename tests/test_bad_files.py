@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from vfocal_jax import model_card, paths
+from vfocal_jax import errors, model_card, paths
 from vfocal_jax.file_checks import BadFileError
 from vfocal_jax.input_pipeline import sources
 
@@ -262,3 +262,171 @@ def test_a_damaged_config_file_is_one_line(tmp_path, source, expected):
   lines = [line for line in run.stderr.splitlines() if line.strip()]
   assert lines[-1].startswith(f"error: {config}{expected}"), run.stderr[-2000:]
   assert "Traceback" not in run.stderr and not (tmp_path / "w").exists()
+
+
+# --- Lists handed to predict / visualize: --video=LIST.csv and --labels=FILE. ------------------------------
+
+@pytest.mark.parametrize("data,words", [
+    (b"", "no video paths"), (b"path,label\n", "no video paths"), (b"\n# a comment\n", "no video paths"),
+    (bytes(range(256)), "not UTF-8 text (byte 0x80 at offset 128)"), (b"a.mp4\n\x00", "NUL byte at offset 6"),
+    (b"label,youtube_id,time_start\nrun,x,3\n", "line 1 looks like a header (label, youtube_id, time_start) without"),
+    (b"path,label\na.mp4,0\n,1\n", "line 3 has no video path in column 1"),
+    (b"a.mp4\n\x01\x02\n", "line 2: the video path holds the control character '\\x01'"),
+    (b"a" * 5000 + b"\n", "line 1: the video path is 5,000 characters long"),
+    (b'a.mp4\n"' + b"b" * 200_000 + b'"\n', "line 2 is not CSV (field larger than field limit"),
+])
+def test_a_damaged_video_list_is_refused_naming_the_file_and_line(tmp_path, data, words):
+  path = tmp_path / "videos.csv"
+  path.write_bytes(data)
+  with pytest.raises(BadFileError) as e:
+    sources.read_video_list(str(path))
+  assert str(e.value).startswith(f"{path}: ") and words in str(e.value), str(e.value)
+
+
+def test_a_video_list_reads_paths_relative_to_itself_and_warns_of_repeats(tmp_path, caplog):
+  path = tmp_path / "videos.csv"
+  path.write_bytes(b"\xef\xbb\xbflabel,path\n0,clips/a.mp4\n1,./clips/a.mp4\n2,/data/b.mp4\n3,gs://b/c.mp4\n")
+  assert sources.read_video_list(str(path)) == [str(tmp_path / "clips" / "a.mp4"), "/data/b.mp4", "gs://b/c.mp4"]
+  assert "line 3 repeats line 2" in caplog.text and "predicted once" in caplog.text
+  path.write_bytes(b"my video.mp4\nclip 7.mp4 3\nb.mp4 running\n")  # "path label" rows, and spaces in names.
+  assert sources.read_video_list(str(path)) == [str(tmp_path / n) for n in ("my video.mp4", "clip 7.mp4", "b.mp4")]
+  with pytest.raises(errors.MissingFileError, match=f"^{tmp_path / 'nope.csv'}: no such file$"):
+    sources.read_video_list(str(tmp_path / "nope.csv"))
+
+
+@pytest.mark.parametrize("data,words", [
+    (b"", "no class names"), (b"id,name\n", "no class names after the id,name header"),
+    (b"id,name\n0,run\nx,jump\n", "line 3: the id 'x' is not an integer"),
+    (b"id,name\n0,run\n1000000000000,jump\n", "line 3: the id 1000000000000 is not in [0, 1048576)"),
+    (b"id,name\n0,run\n0,jump\n", "id 0 appears twice (lines 2 and 3)"), (b"id,name\n0,\n", "line 2: empty class name"),
+    (b"\xff\xfer\x00u\x00n\x00", "not UTF-8 text"),
+])
+def test_a_damaged_labels_file_is_refused_naming_the_file(tmp_path, data, words):
+  path = tmp_path / "labels.csv"
+  path.write_bytes(data)
+  with pytest.raises(BadFileError) as e:
+    sources.read_class_names(str(path))
+  assert str(e.value).startswith(f"{path}: ") and words in str(e.value), str(e.value)
+
+
+def test_a_labels_table_with_gaps_warns_and_keeps_the_indices(tmp_path, caplog):
+  path = tmp_path / "labels.csv"
+  path.write_bytes(b'id,name\n0,run\n2,"jump, high"\n')
+  assert sources.read_class_names(str(path)) == ["run", None, "jump, high"]
+  assert "no name for class id(s) 1" in caplog.text
+
+
+# --- Files read back from a workdir and its checkpoints, and the demo data's marker. ------------------------
+
+def _run_config():
+  from vfocal_jax.configs import default
+  return json.loads(default.get_config().to_json_best_effort())
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda c: c["data"].update(eval_shards=3), "data.eval_shards is int, expected a string"),
+    (lambda c: c["data"].update(mean=[1.0, 2.0]), "data.mean has 2 values, expected 3"),
+    (lambda c: c["data"].update(rrc_area_range=[[0.1], 1.0]), "data.rrc_area_range[0] is a list"),
+    (lambda c: c["model"].update(embed_dim="96"), "model.embed_dim is a string '96', expected an integer"),
+    (lambda c: c["model"].update(depths=[2, -2, 6, 2]), "model.depths[1] is -2"),
+    (lambda c: c.update(image_size=100), "image_size is 100, expected a multiple of 32"),
+    (lambda c: c.pop("data"), "has no data object"),
+    (lambda c: c["data"].update({"a.b": 1}), "has the field 'data.a.b', which is not a config field name"),
+])
+def test_a_damaged_workdir_config_is_refused_naming_the_field(tmp_path, change, words):
+  from vfocal_jax import checkpoints
+  config = _run_config()
+  change(config)
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(BadFileError) as e:
+    checkpoints.read_config(tmp_path)
+  assert str(e.value).startswith(f"{tmp_path / 'config.json'}: ") and words in str(e.value), str(e.value)
+
+
+def test_an_older_workdir_config_takes_the_defaults_it_lacks_with_a_warning(tmp_path, caplog):
+  from vfocal_jax import checkpoints
+  config = _run_config()
+  del config["data"]["eval_clip_offsets"]
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  assert checkpoints.read_config(tmp_path).data.eval_clip_offsets == "uniform"
+  assert "data has no eval_clip_offsets" in caplog.text and "assumed the defaults: eval_clip_offsets='uniform'" \
+      in caplog.text
+
+
+@pytest.mark.parametrize("data,words", [
+    (b'{"examples_consumed": 64, "global_b', "not valid JSON"),
+    (b'{"examples_consumed": -64}', "examples_consumed is -64, expected a value from 0"),
+    (b'{"examples_consumed": "64"}', "examples_consumed is a string '64', expected an integer"),
+    (b'{"process_count": 0}', "process_count is 0"), (b'{"state_saved": "yes"}', "state_saved is a string"),
+    (b"[64]", "the file is a list"),
+])
+def test_a_damaged_input_position_is_refused(tmp_path, data, words):
+  from etils import epath
+  from vfocal_jax import checkpoints
+  path = tmp_path / checkpoints.POSITION_FILE
+  path.write_bytes(data)
+
+  class Item:
+    def restore_position(self, position, exact):
+      raise AssertionError("a damaged position was used")
+  with pytest.raises(BadFileError) as e:
+    checkpoints.restore_data(epath.Path(tmp_path), Item(), 0, 1)
+  assert str(e.value).startswith(f"{path}: ") and words in str(e.value), str(e.value)
+
+
+def test_a_damaged_loop_state_is_not_used_and_a_warning_says_so(tmp_path, caplog):
+  from vfocal_jax import checkpoints
+  loop = tmp_path / "7" / "loop"
+  loop.mkdir(parents=True)
+  manager = type("Manager", (), {"directory": tmp_path})()
+  for data, words in [(b'{"window": {"num_steps": 3, "sums": {"loss": 1}}}', "window.sums has no"),
+                      (b'{"window": {"num_steps": -1, "sums": null}}', "window.num_steps is -1"), (b"{", "not valid")]:
+    (loop / checkpoints.LOOP_FILE).write_bytes(data)
+    caplog.clear()
+    assert checkpoints.read_loop_state(manager, 7) is None
+    assert f"{loop / checkpoints.LOOP_FILE}: " in caplog.text and words in caplog.text, caplog.text
+    assert "the first metrics reported after the resume average only the steps after step 7" in caplog.text
+  (loop / checkpoints.LOOP_FILE).write_bytes(b'{"window": {"num_steps": 0, "sums": null}}')
+  assert checkpoints.read_loop_state(manager, 7) == {"window": {"num_steps": 0, "sums": None}}
+
+
+@pytest.mark.parametrize("data,words", [
+    (b'{"oversample": 4', "not valid JSON"), (b"\x89PNG\r\n", "not UTF-8"),
+    (b'{"frames": 3}', "unknown field 'frames'"),
+    (b'{"oversample": 1}', "oversample is 1, expected a value from 2"), (b"[4]", "the file is a list"),
+])
+def test_a_damaged_demo_marker_is_refused_and_says_how_to_rebuild(tmp_path, data, words):
+  from vfocal_jax.data import demo_dataset
+  done = tmp_path / "DONE"
+  done.write_bytes(data)
+  with pytest.raises(BadFileError) as e:
+    demo_dataset.read_done_marker(str(done))
+  assert str(e.value).startswith(f"{done}: ") and words in str(e.value), str(e.value)
+  assert str(e.value).endswith(f"; delete {tmp_path} to build the demo data again")
+  done.write_bytes(b"")
+  assert demo_dataset.read_done_marker(str(done)) == {}
+
+
+def test_make_shards_csv_that_is_not_text_names_the_file(tmp_path):
+  from vfocal_jax.data import make_shards
+  path = tmp_path / "train.csv"
+  path.write_bytes("a.mp4,caf\xe9\n".encode("latin-1"))
+  with pytest.raises(BadFileError, match=re.escape(f"{path}: not UTF-8 text (byte 0xe9 at offset 9)")):
+    make_shards.read_csv(str(path))
+  with pytest.raises(errors.MissingFileError, match=re.escape(f"{tmp_path / 'no.csv'}: no such file")):
+    make_shards.read_csv(str(tmp_path / "no.csv"))
+
+
+@pytest.mark.parametrize("labels,words", [
+    (b"run\njump\n", "its 2 class names differ from the 3 label_names of"),
+    (b"run\nswim\njump\n", "its 3 class names differ from the 3 label_names of"),
+])
+def test_labels_txt_that_disagrees_with_dataset_info_beside_it_is_refused(tmp_path, labels, words):
+  d = _shards(tmp_path, INFO, labels)
+  with pytest.raises(BadFileError, match=re.escape(words)) as e:
+    sources.load_shard_set(str(d))
+  assert str(e.value).startswith(f"{d / 'labels.txt'}: ")
+  d = _shards(tmp_path, dict(INFO, label_names=None), labels)
+  if len(labels.split()) != 3:
+    with pytest.raises(BadFileError, match=re.escape("2 class names, but")):
+      sources.load_shard_set(str(d))

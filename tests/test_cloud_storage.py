@@ -31,9 +31,8 @@ import time
 import numpy as np
 import pytest
 
-from gcs_emulator import GcsEmulator, describe, python_env, run_python
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from gcs_emulator import describe, python_env, run_python
+from helpers import ROOT
 BUCKET = "vfocal-test"
 B = f"gs://{BUCKET}"
 NUM_CLASSES = 8
@@ -49,10 +48,10 @@ ENV = {"JAX_NUM_CPU_DEVICES": "1"}
 
 
 @pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-  with GcsEmulator(tmp_path_factory.mktemp("gcs")) as server:
-    server.create_bucket(BUCKET)
-    yield server
+def gcs(gcs):
+  """The module's emulator (conftest) with the bucket."""
+  gcs.create_bucket(BUCKET)
+  return gcs
 
 
 def _cli(gcs, *args, timeout=600, check=True):
@@ -232,7 +231,6 @@ def test_train_killed_and_resumed_in_the_bucket(gcs, shards):
 def _torch_checkpoint(path):
   """A tiny Video-FocalNet of the TINY architecture in the official key layout, as the released files;
   returns the PyTorch model."""
-  sys.path.insert(0, ROOT)
   import torch  # pylint: disable=import-outside-toplevel
   from benchmarks import torch_video_focalnet as tvf
   torch.manual_seed(0)

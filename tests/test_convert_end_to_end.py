@@ -1,6 +1,5 @@
 """`.pth` -> converted checkpoint -> Flax logits == PyTorch logits; -> safetensors bit for bit."""
 import copy
-import pathlib
 import re
 import sys
 
@@ -11,14 +10,12 @@ import pytest
 import torch
 from safetensors import numpy as safetensors_numpy
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks import torch_video_focalnet as tvf  # noqa: E402
-from vfocal_jax import model_card, params_io, resolve  # noqa: E402
-from vfocal_jax.configs import default  # noqa: E402
-from vfocal_jax.convert import cli  # noqa: E402
-from vfocal_jax.convert import (  # noqa: E402
-    CheckpointMismatchError, flax_to_torch, torch_to_flax)
-from vfocal_jax.models import create_model  # noqa: E402
+from benchmarks import torch_video_focalnet as tvf  # The repository root is on sys.path (conftest).
+from vfocal_jax import model_card, params_io, resolve
+from vfocal_jax.configs import default
+from vfocal_jax.convert import cli
+from vfocal_jax.convert import CheckpointMismatchError, flax_to_torch, torch_to_flax
+from vfocal_jax.models import create_model
 
 FRAMES, SIZE = 4, 64
 ARCH = dict(embed_dim=16, depths=(1, 1, 2, 1), num_classes=5)

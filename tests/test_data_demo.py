@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
+from helpers import data_config
 from vfocal_jax.data import demo_dataset
 from vfocal_jax import input_pipeline as ip
-from vfocal_jax.configs import data as data_config
 
 
 def _shape_stats(frame):
@@ -42,9 +42,7 @@ def test_build_tiny_demo_dataset(tmp_path):
   assert out["train_info"]["num_examples"] == 8 and out["val_info"]["num_examples"] == 8
   assert out["train_info"]["label_names"] == list(demo_dataset.CLASS_NAMES)
   assert out["val_info"]["num_failed"] == 0
-  cfg = data_config.get_config()
-  cfg.train_shards, cfg.eval_shards = out["train_dir"], out["val_dir"]
-  cfg.num_threads = 2
+  cfg = data_config(train_shards=out["train_dir"], eval_shards=out["val_dir"])
   ev = ip.create_eval_iterator(cfg, batch_size=8, num_frames=4, image_size=32, num_clips=1, num_crops=1)
   batch = next(iter(ev))
   assert sorted(batch["label"][batch["mask"]]) == list(range(8))

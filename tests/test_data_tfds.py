@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from vfocal_jax.data import testing, tfds_builder
+import numbered_videos
+from helpers import data_config
+from vfocal_jax.data import tfds_builder
 from vfocal_jax import input_pipeline as ip
-from vfocal_jax.configs import data as data_config
 
 LENGTHS = [6, 3, 9, 12]
 
@@ -15,10 +16,7 @@ LENGTHS = [6, 3, 9, 12]
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
   root = tmp_path_factory.mktemp("tfds")
-  lines = []
-  for vid, n in enumerate(LENGTHS):
-    testing.write_video(str(root / f"v{vid}.mkv"), testing.numbered_frames(vid, n, 32, 40))
-    lines.append(f"v{vid}.mkv,{'ab'[vid % 2]}\n")
+  lines = numbered_videos.write_numbered_videos(root, LENGTHS, 32, 40, label=lambda vid: "ab"[vid % 2])
   (root / "bad.mkv").write_bytes(os.urandom(500))
   (root / "all.csv").write_text("".join(lines) + "bad.mkv,a\n")
   data_dir = root / "tfds_data"
@@ -28,13 +26,7 @@ def prepared(tmp_path_factory):
 
 
 def _cfg(**kw):
-  cfg = data_config.get_config()
-  cfg.source = "tfds"
-  cfg.num_threads = 2
-  cfg.eval_resize_ratio = 1.0
-  for k, v in kw.items():
-    setattr(cfg, k, v)
-  return cfg
+  return data_config(source="tfds", eval_resize_ratio=1.0, **kw)
 
 
 @pytest.mark.parametrize("process_count", [1, 2])
@@ -51,10 +43,10 @@ def test_local_video_csv_dataset_through_eval_pipeline(prepared, process_count):
     for b in batches:
       for video, label in zip(b["video"][b["mask"]], b["label"][b["mask"]]):
         pixels = video[0].astype(np.float64)        # uint8 pixels (the device normalises)
-        vid = int(testing.video_number(pixels)[0])
+        vid = int(numbered_videos.video_number(pixels)[0])
         n = LENGTHS[vid]
         avg = n / 4.0
-        np.testing.assert_array_equal(testing.frame_number(pixels),
+        np.testing.assert_array_equal(numbered_videos.frame_number(pixels),
                                       (np.arange(4) * avg + avg / 2).astype(int) % n)
         assert label == vid % 2
         seen.append(vid)

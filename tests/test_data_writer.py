@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from vfocal_jax.data import make_shards, testing
+import numbered_videos
+from vfocal_jax.data import make_shards
 from vfocal_jax.input_pipeline import VideoDecodeError, decode_video_file
 
 LENGTHS = [12, 5, 20, 3, 9]
@@ -16,10 +17,7 @@ NAMES = ["walk", "jump", "run"]  # label of video v: NAMES[v % 3]
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
   root = tmp_path_factory.mktemp("videos")
-  lines = []
-  for vid, n in enumerate(LENGTHS):
-    testing.write_video(str(root / f"v{vid}.mkv"), testing.numbered_frames(vid, n, 32, 48))
-    lines.append(f"v{vid}.mkv,{NAMES[vid % 3]}\n")
+  lines = numbered_videos.write_numbered_videos(root, LENGTHS, 32, 48, label=lambda vid: NAMES[vid % 3])
   (root / "broken.mkv").write_bytes(os.urandom(2000))
   (root / "notes.txt").write_text("Not a video: FFmpeg reads text files as ANSI art.\n" * 20)
   lines.insert(2, "broken.mkv,walk\n")
@@ -49,10 +47,10 @@ def _read_shards(directory):
 def test_decode_video_file_reads_every_frame_in_order(videos):
   frames = decode_video_file(videos / "v2.mkv")
   assert frames.shape == (20, 32, 48, 3) and frames.dtype == np.uint8
-  np.testing.assert_array_equal(testing.frame_number(frames.astype(float)), np.arange(20))
+  np.testing.assert_array_equal(numbered_videos.frame_number(frames.astype(float)), np.arange(20))
   small = decode_video_file(videos / "v2.mkv", short_side=16, max_fps=5)
   assert small.shape == (10, 16, 24, 3)   # 10 fps -> 5 fps keeps every other frame
-  np.testing.assert_array_equal(testing.frame_number(small.astype(float)), np.arange(0, 20, 2))
+  np.testing.assert_array_equal(numbered_videos.frame_number(small.astype(float)), np.arange(0, 20, 2))
 
 
 def test_decode_video_file_raises_clearly(videos):
@@ -75,8 +73,8 @@ def test_writer_roundtrip_labels_report_and_resume(videos, tmp_path):
     label, text, frames, _ = records[f"v{vid}.mkv"]
     assert text == NAMES[vid % 3] and label == sorted_names.index(text)
     assert frames.shape == (n, 32, 48, 3)
-    np.testing.assert_array_equal(testing.frame_number(frames.astype(float)), np.arange(n))
-    np.testing.assert_array_equal(testing.video_number(frames.astype(float)), vid)
+    np.testing.assert_array_equal(numbered_videos.frame_number(frames.astype(float)), np.arange(n))
+    np.testing.assert_array_equal(numbered_videos.video_number(frames.astype(float)), vid)
   assert (out / "labels.txt").read_text().split() == sorted_names
   on_disk = json.loads((out / "dataset_info.json").read_text())
   assert on_disk == info and info["num_examples"] == 5 and info["num_failed"] == 3

@@ -18,13 +18,12 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import NUM_CLASSES, ROOT, save_random_checkpoint, tiny_model_config
 from reference_views import MEAN, STD, write_video
 from vfocal_jax import artifacts, model_card, params_io, predict, resolve
-from vfocal_jax.configs import default
 from vfocal_jax.export import runtime, writer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FRAMES, SIZE, NUM_CLASSES = 4, 32, 5
+FRAMES, SIZE = 4, 32  # The tiny model's clip (helpers.tiny_model_config).
 
 JAX_CHILD = """
 import json, sys
@@ -57,12 +56,7 @@ print(json.dumps(sorted(m for m, v in sys.modules.items() if v is not None and m
 
 
 def _config():
-  config = default.get_config()
-  config.num_frames, config.image_size = FRAMES, SIZE
-  config.test_num_clips, config.test_num_crops = 2, 1
-  config.model.update(variant="custom", embed_dim=8, depths=(1, 1, 1, 1), focal_levels=(1, 1, 1, 1),
-                      num_classes=NUM_CLASSES, drop_path_rate=0.0, dtype="float32")
-  return config
+  return tiny_model_config(clips=2, crops=1)
 
 
 def _child(code, *args):
@@ -92,12 +86,9 @@ def _softmax(logits):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
   root = tmp_path_factory.mktemp("export")
-  config = _config()
-  model = artifacts.build_model(config)
-  params = jax.tree.map(np.asarray, artifacts.init_params(model, jax.random.key(0), FRAMES, SIZE))
-  params["head"]["kernel"] = params["head"]["kernel"] * 20.0  # Logits of a few units, not ~1e-3.
-  card = model_card.card_from_config(config, model, class_names=list("abcde"))
-  checkpoint = params_io.save_params(root / "converted", params, card)
+  # A head scaled by 20: logits of a few units, not ~1e-3.
+  model, params, checkpoint = save_random_checkpoint(root / "converted", _config(), head_scale=20.0,
+                                                     class_names=list("abcde"))
   out = str(root / "out")
   entry = writer.run(resolve.artifact(resolve.UserConfig(), checkpoint=checkpoint), output_dir=out)
 

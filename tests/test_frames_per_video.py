@@ -1,6 +1,6 @@
 """make_shards --frames_per_video=M and segment sampling on the frames it keeps.
 
-Videos whose frames say their index (`vfocal_jax.data.testing`) go through the real writer with
+Videos whose frames say their index (tests/numbered_videos.py) go through the real writer with
 M = 0 (every frame) and M = 12; what the pipeline samples is read back from the pixels and compared
 with the rule computed here with exact fractions, independently of the TF code.
 """
@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import numbered_videos
+from helpers import data_config
 from vfocal_jax import input_pipeline as ip
-from vfocal_jax.configs import data as data_config
-from vfocal_jax.data import make_shards, testing
+from vfocal_jax.data import make_shards
 from vfocal_jax.input_pipeline import sampling, shard_format
 
 LENGTHS = [30, 24, 7]      # video v has LENGTHS[v] frames; 7 <= M keeps every frame
@@ -27,10 +28,7 @@ T = 4                      # clip length
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
   root = tmp_path_factory.mktemp("fpv")
-  lines = []
-  for vid, n in enumerate(LENGTHS):
-    testing.write_video(str(root / f"v{vid}.mkv"), testing.numbered_frames(vid, n, 32, 48))
-    lines.append(f"v{vid}.mkv,{vid}\n")
+  lines = numbered_videos.write_numbered_videos(root, LENGTHS, 32, 48, label=lambda vid: vid)
   (root / "all.csv").write_text("".join(lines))
   out = {}
   for m in (0, M):
@@ -41,11 +39,7 @@ def shards(tmp_path_factory):
 
 
 def _cfg(directory, **fields):
-  cfg = data_config.get_config()
-  cfg.train_shards = cfg.eval_shards = directory
-  cfg.num_threads, cfg.shuffle_buffer_size, cfg.log_skipped = 2, 4, False
-  cfg.update(fields)
-  return cfg
+  return data_config(directory, shuffle_buffer_size=4, log_skipped=False, **fields)
 
 
 def _centres(n, m):
@@ -80,7 +74,7 @@ def _read_records(directory):
     for record in tf.data.TFRecordDataset(f):
       ex = shard_format.parse_sequence_example(record)
       frames = np.stack([tf.io.decode_jpeg(j).numpy() for j in ex["frames"]]).astype(float)
-      out[int(ex["label"])] = (testing.frame_number(frames), ex["frame_index"].numpy(),
+      out[int(ex["label"])] = (numbered_videos.frame_number(frames), ex["frame_index"].numpy(),
                                int(ex["num_video_frames"]), record.numpy())
   return out
 
@@ -110,7 +104,7 @@ def _train_draws(directory, seed, batches=4):
   out = {v: [] for v in range(len(LENGTHS))}
   for _ in range(batches):
     batch = next(it)
-    for label, clip in zip(batch["label"], testing.frame_number(batch["video"].astype(float))):
+    for label, clip in zip(batch["label"], numbered_videos.frame_number(batch["video"].astype(float))):
       out[int(label)].append(tuple(int(f) for f in clip))
   return out
 
@@ -143,7 +137,7 @@ def test_test_sampling_picks_the_nearest_stored_frame_to_the_official_point(shar
     batch = next(iter(ev))
     for label, views, keep in zip(batch["label"], batch["video"], batch["mask"]):
       if keep:
-        np.testing.assert_array_equal(testing.frame_number(views.astype(float)),
+        np.testing.assert_array_equal(numbered_videos.frame_number(views.astype(float)),
                                       _test_frames(LENGTHS[label], m, clips))
 
 

@@ -1,7 +1,7 @@
 """The tf.data pipelines on shards of numbered videos (written by the real writer).
 
 Frame f of video v has R = 8f + 4, G = 16v + 8 and a left-to-right B ramp
-(data/testing.py), so every output pixel says where it came from. Expected
+(tests/numbered_videos.py), so every output pixel says where it came from. Expected
 frame indices come from a NumPy float64 transcription of the official
 sampler (below), not from our TF code.
 """
@@ -9,19 +9,18 @@ import math
 
 import numpy as np
 import pytest
-import reference_views
 import tensorflow as tf
 
-from vfocal_jax.data import make_shards, testing
+import numbered_videos
+import reference_views
+from helpers import data_config
+from reference_views import LUMA, MEAN, STD, normalised
+from vfocal_jax.data import make_shards
 from vfocal_jax import input_pipeline as ip
-from vfocal_jax.configs import data as data_config
 from vfocal_jax.input_pipeline import sampling, sources
 
 LENGTHS = [12, 5, 20, 3, 9, 1, 16, 7, 30, 10]   # includes videos shorter than the clip
 T, S = 4, 32                                      # frames per clip, crop size
-MEAN = np.array([123.675, 116.28, 103.53])
-STD = np.array([58.395, 57.12, 57.375])
-LUMA = np.array([0.299, 0.587, 0.114])
 
 
 # --- Reference: the official sampler, in NumPy. -------------------------------
@@ -61,10 +60,7 @@ def ref_test_indices(n, num_frames, interval, num_clips=1):
 def shards(tmp_path_factory):
   """10 numbered videos (32x48) in 3 shards; label of video v is v % 4."""
   root = tmp_path_factory.mktemp("pipeline")
-  lines = []
-  for vid, n in enumerate(LENGTHS):
-    testing.write_video(str(root / f"v{vid}.mkv"), testing.numbered_frames(vid, n, 32, 48))
-    lines.append(f"v{vid}.mkv,{vid % 4}\n")
+  lines = numbered_videos.write_numbered_videos(root, LENGTHS, 32, 48, label=lambda vid: vid % 4)
   (root / "all.csv").write_text("".join(lines))
   make_shards.make_shards(str(root / "all.csv"), str(root / "shards"), 3, video_root=str(root),
                           short_side=None, jpeg_quality=95, workers=1, progress=False)
@@ -73,30 +69,13 @@ def shards(tmp_path_factory):
 
 def plain_cfg(shard_dir, **overrides):
   """No colour/flip randomness and no resize, so pixels can be traced back."""
-  cfg = data_config.get_config()
-  cfg.train_shards = cfg.eval_shards = shard_dir
-  cfg.flip_prob = cfg.color_jitter_prob = cfg.grayscale_prob = 0.0
-  cfg.train_resize_ratio = 1.0
-  cfg.eval_resize_ratio = 1.0
-  cfg.shuffle_buffer_size = 16
-  cfg.num_threads = 2
-  cfg.log_skipped = True
-  for k, v in overrides.items():
-    setattr(cfg, k, v)
-  return cfg
+  return data_config(shard_dir, **{"flip_prob": 0.0, "color_jitter_prob": 0.0, "grayscale_prob": 0.0,
+                                   "train_resize_ratio": 1.0, "eval_resize_ratio": 1.0, "shuffle_buffer_size": 16,
+                                   "log_skipped": True, **overrides})
 
 
 def unnormalise(video):
   return video.astype(np.float64) * STD + MEAN
-
-
-def normalised(batch):
-  """The model input of a batch: [x, 1, mean luma] @ pixel_affine of each clip, in NumPy float64."""
-  out = []
-  for clip, a in zip(batch["video"].astype(np.float64), batch["pixel_affine"].astype(np.float64)):
-    mean_luma = (clip @ LUMA).mean()
-    out.append(clip @ a[:3] + a[3] + mean_luma * a[4])
-  return np.stack(out)
 
 
 def pixels(batch):
@@ -173,10 +152,10 @@ def test_train_batches_frames_labels_and_normalisation(shards):
     np.testing.assert_allclose(batch["pixel_affine"][:, 3], np.broadcast_to(-MEAN / STD, (5, 3)), rtol=1e-6)
     np.testing.assert_array_equal(batch["pixel_affine"][:, 4], 0)
     for clip, label in zip(pixels(batch), batch["label"]):
-      vid = int(testing.video_number(clip)[0])
+      vid = int(numbered_videos.video_number(clip)[0])
       seen.add(vid)
       assert label == vid % 4
-      frames = testing.frame_number(clip)
+      frames = numbered_videos.frame_number(clip)
       ranges = ref_train_ranges(LENGTHS[vid], T, 1)
       assert all(int(f) in r for f, r in zip(frames, ranges)), (vid, frames)
       # Normalised with the DESIGN constants: G is flat 16v + 8 everywhere.
@@ -302,12 +281,12 @@ def test_eval_views_clips_and_crops(shards):
       if not real:
         continue
       count += 1
-      vid = int(testing.video_number(views[0])[0])
+      vid = int(numbered_videos.video_number(views[0])[0])
       assert label == vid % 4
       expected = ref_test_indices(LENGTHS[vid], T, 1, 2)
       for v in range(6):
         clip, crop = divmod(v, 3)
-        np.testing.assert_array_equal(testing.frame_number(views[v]), expected[clip])
+        np.testing.assert_array_equal(numbered_videos.frame_number(views[v]), expected[clip])
         mean_b = views[v][..., 2].mean()            # ramp mean over columns x0 .. x0 + S - 1
         assert abs(mean_b - (40 + 4 * (crop_x[crop] + (S - 1) / 2))) < 2, (v, mean_b)
   assert count == len(LENGTHS)
@@ -352,7 +331,7 @@ def test_every_eval_video_counted_once_on_all_hosts(shards, batch_size, process_
     for batch in ev:
       n += 1
       real = pixels(batch)[batch["mask"]]
-      ids += list(testing.video_number(real[:, 0, 0]))
+      ids += list(numbered_videos.video_number(real[:, 0, 0]))
     batches.append(n)
     assert n == len(ev) == ev.num_batches
   assert sorted(ids) == list(range(len(LENGTHS)))
@@ -374,14 +353,14 @@ def test_host_splits_are_disjoint_and_complete():
 
 def test_eval_views_from_frames_matches_the_pipeline(shards):
   cfg = plain_cfg(shards)
-  frames = testing.numbered_frames(2, LENGTHS[2], 32, 48)
+  frames = numbered_videos.numbered_frames(2, LENGTHS[2], 32, 48)
   views, affine = ip.eval_views_from_frames(frames, num_frames=T, image_size=S, num_clips=2, num_crops=3,
                                             data_cfg=cfg)
   assert views.shape == (6, T, S, S, 3) and views.dtype == np.uint8 and affine.shape == (5, 3)
   ev = ip.create_eval_iterator(cfg, batch_size=16, num_frames=T, image_size=S, num_clips=2, num_crops=3)
   batch = next(iter(ev))
   row = [i for i, v in enumerate(batch["video"]) if batch["mask"][i]
-         and testing.video_number(v[0].astype(np.float64))[0] == 2][0]
+         and numbered_videos.video_number(v[0].astype(np.float64))[0] == 2][0]
   # Same transform and normalisation; the pipeline's frames went through JPEG, these did not.
   np.testing.assert_allclose(views.astype(np.float64), batch["video"][row].astype(np.float64), atol=4)
   np.testing.assert_allclose(affine, batch["pixel_affine"][row], rtol=1e-6)

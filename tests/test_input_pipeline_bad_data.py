@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from vfocal_jax.data import testing
+import numbered_videos
+from helpers import data_config
 from vfocal_jax import input_pipeline as ip
-from vfocal_jax.configs import data as data_config
 from vfocal_jax.input_pipeline import pipeline, shard_format
 
 GOOD = {0, 4, 5, 6}
@@ -16,7 +16,7 @@ NUM_BAD = 4
 
 
 def _record(vid, n=6, label=None, jpegs=None):
-  frames = testing.numbered_frames(vid, n, 32, 40)
+  frames = numbered_videos.numbered_frames(vid, n, 32, 40)
   jpegs = jpegs if jpegs is not None else [tf.io.encode_jpeg(f, quality=95).numpy() for f in frames]
   return shard_format.make_sequence_example(jpegs, vid % 4 if label is None else label,
                                             filename=f"v{vid}").SerializeToString()
@@ -26,7 +26,7 @@ def _record(vid, n=6, label=None, jpegs=None):
 def bad_shards(tmp_path_factory):
   """shard 0: good, garbage, corrupt JPEGs, no frames, good; shard 1: 3 good, truncated."""
   root = tmp_path_factory.mktemp("bad")
-  good_jpeg = tf.io.encode_jpeg(testing.numbered_frames(2, 1, 32, 40)[0]).numpy()
+  good_jpeg = tf.io.encode_jpeg(numbered_videos.numbered_frames(2, 1, 32, 40)[0]).numpy()
   corrupt = good_jpeg[:40] + b"\x00" * 200 + good_jpeg[-40:]
   shard0 = [_record(0), os.urandom(300), _record(2, jpegs=[corrupt] * 4), _record(3, jpegs=[]), _record(4)]
   shard1 = [_record(5), _record(6), _record(7)]
@@ -43,15 +43,11 @@ def bad_shards(tmp_path_factory):
 
 
 def _cfg(shard_dir):
-  cfg = data_config.get_config()
-  cfg.train_shards = cfg.eval_shards = str(shard_dir)
-  cfg.num_threads = 2
-  cfg.shuffle_buffer_size = 4
-  return cfg
+  return data_config(shard_dir, shuffle_buffer_size=4)
 
 
 def _ids(video):
-  return testing.video_number(video.astype(np.float64)[..., 0, :, :, :])   # uint8 pixels
+  return numbered_videos.video_number(video.astype(np.float64)[..., 0, :, :, :])   # uint8 pixels
 
 
 def test_eval_skips_counts_and_names_the_shard(bad_shards, capfd):

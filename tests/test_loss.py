@@ -7,23 +7,19 @@ targets (off ``eps / K``, on ``1 - eps + eps / K``, mixed by ``lam``), runs the 
 its gradient with autograd. A step that mixes something other than what it reports, ignores the soft
 targets or the smoothing, or averages differently, moves the loss or the gradients.
 """
-import pathlib
-import sys
-
 import jax
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks import torch_video_focalnet as tvf  # noqa: E402
-from multihost_worker import NUM_CLASSES, global_batch, tiny_config  # noqa: E402
-from vfocal_jax import artifacts, sharding, train  # noqa: E402
-from vfocal_jax.convert.mapping import flax_to_torch_state_dict, torch_to_flax  # noqa: E402
+from benchmarks import torch_video_focalnet as tvf  # The repository root is on sys.path (conftest).
+from helpers import NUM_CLASSES, global_batch, tiny_config
+from reference_views import normalised
+from vfocal_jax import artifacts, sharding, train
+from vfocal_jax.convert.mapping import flax_to_torch_state_dict, torch_to_flax
 
 ARCH = dict(embed_dim=8, depths=(1, 1), focal_levels=(1, 1), num_classes=NUM_CLASSES)
 GRAD_TOL = 1e-4  # Of each parameter's largest gradient element: float32 against float64.
-REC601 = np.array([0.299, 0.587, 0.114])  # The luma weights of the pipeline's colour map (docs/data.md).
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -35,20 +31,12 @@ def _config(smoothing):
                      mixup_switch_prob=0.5, **{"model.drop_path_rate": 0.0, **model})
 
 
-def _normalised(batch):
-  """``[r, g, b, 1, mean luma] @ pixel_affine`` per clip, float64 (B, T, H, W, C)."""
-  x = batch["video"].astype(np.float64)
-  a = batch["pixel_affine"].astype(np.float64)
-  luma = (x @ REC601).reshape(len(x), -1).mean(1)[:, None, None, None, None]
-  return np.einsum("bthwc,bcd->bthwd", x, a[:, :3]) + a[:, None, None, None, 3] + luma * a[:, None, None, None, 4]
-
-
 def _reference(torch_model, batch, mix, smoothing):
   """Loss, top-1 and gradients (torch layout) of the batch blended as ``mix`` says, float64.
 
   ``mix`` covers S data shards of B/S consecutive rows, each with its own ``lam``, kind and box.
   """
-  x = _normalised(batch)
+  x = normalised(batch)
   perm = np.asarray(mix.perm)
   rows = len(x) // len(mix.lam)  # Rows of one shard.
   lam = np.repeat(np.asarray(mix.lam, np.float64), rows)

@@ -1,8 +1,6 @@
 """Flax VideoFocalNet vs an independent PyTorch forward (benchmarks/torch_video_focalnet.py), every parameter random."""
 import itertools
-import pathlib
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,11 +10,11 @@ import scipy.special
 from flax import traverse_util
 
 import torch
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks import torch_video_focalnet as tvf  # noqa: E402
-from vfocal_jax.convert.mapping import (  # noqa: E402
+
+from benchmarks import torch_video_focalnet as tvf  # The repository root is on sys.path (conftest).
+from vfocal_jax.convert.mapping import (
     CheckpointMismatchError, flax_to_torch_state_dict, init_from_imagenet, torch_key, torch_to_flax)
-from vfocal_jax.models import DESIGNS, create_model  # noqa: E402
+from vfocal_jax.models import DESIGNS, create_model
 
 FRAMES, SIZE = 4, 32
 ARCH = dict(embed_dim=8, depths=(1, 1, 2, 1), num_classes=5)

@@ -8,15 +8,13 @@ import time
 import numpy as np
 import pytest
 
-from multihost_worker import StreamIterator, synthetic_eval_batches, tiny_config, use_synthetic_eval
+from helpers import StreamIterator, synthetic_eval_batches, tiny_config
 from vfocal_jax import checkpoints, evaluate, plots, train
 
 STEPS_PER_EPOCH = 4
 
 
-@pytest.fixture(autouse=True)
-def _synthetic_eval(monkeypatch):
-  use_synthetic_eval(monkeypatch.setattr)
+pytestmark = pytest.mark.usefixtures("synthetic_eval")
 
 
 def _config(**overrides):

@@ -40,13 +40,29 @@ def tiny_config(**overrides):
   return config
 
 
+# The --json keys (docs/plan.md): search_batch only with --search_batch, measured_step_seconds only measured.
+REPORT_KEYS = {"topology", "platform", "device_kind", "num_chips", "num_devices", "devices_per_chip", "mesh_shape",
+               "chip", "config", "estimates", "unknown", "warnings", "train", "eval", "input"}
+STEP_KEYS = {"ok", "error", "global_batch", "batch_per_chip", "clips_per_chip", "lower_seconds", "compile_seconds",
+             "failed_after_seconds", "hbm_bytes_per_chip", "fits", "memory_per_chip", "total_bytes_per_chip",
+             "flops_per_chip", "bytes_accessed_per_chip", "estimated_step_seconds",
+             "estimated_clips_per_second_per_chip", "estimated_mfu", "roofline_step_seconds", "cost_analysis_raw",
+             "unmodelled_custom_calls", "collectives", "traffic",
+             "flops_source", "model_flops_per_chip", "bytes_source"}  # The last three: new with the GPU plans.
+
+
 def _nbytes(tree):
   return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 @pytest.fixture(scope="module")
 def planned():
-  return plan.make_report(tiny_config(), topology=TOPOLOGY, pipeline_clips_per_core=PER_CORE)
+  """The report as its JSON (the contract: ``--json`` and docs/plan.md's keys) and the compile attempts."""
+  report, steps = plan.make_report(tiny_config(), topology=TOPOLOGY, pipeline_clips_per_core=PER_CORE)
+  assert isinstance(report, plan.Report) and report.train.ok and report.eval.clips_per_chip == 2
+  # The printed report is a function of the JSON: a --json file read back prints the same.
+  assert plan.format_report(report) == plan.format_report(json.loads(json.dumps(report.to_json())))
+  return report.to_json(), steps
 
 
 def test_report_matches_the_compiled_steps(planned):
@@ -55,8 +71,11 @@ def test_report_matches_the_compiled_steps(planned):
   assert report["device_kind"] == "TPU v5 lite" and report["mesh_shape"] == [4, 1]
   assert report["config"]["depthwise_impl"] == "xla"  # Resolved for the TPU, not for this CPU.
   json.dumps(report)  # JSON-able as is.
+  assert set(report) == REPORT_KEYS and set(report["train"]) == STEP_KEYS and set(report["eval"]) == STEP_KEYS
+  assert report["train"]["flops_source"] == report["train"]["bytes_source"] == "compiler"
+  assert report["train"]["model_flops_per_chip"] == pytest.approx(report["train"]["flops_per_chip"], rel=0.5)
   for name in ("train", "eval"):
-    s, compiled = report[name], steps[name]["compiled"]
+    s, compiled = report[name], getattr(steps, name).compiled
     assert s["ok"] and s["error"] is None and compiled is not None
     m = compiled.memory_analysis()
     total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
@@ -85,7 +104,7 @@ def test_report_matches_the_compiled_steps(planned):
 
   # What the arrays must take: the train step holds the whole (replicated) state and a quarter of the batch,
   # and gets the donated state back as its output.
-  trainer = steps["trainer"]
+  trainer = steps.trainer
   state_bytes, params_bytes = _nbytes(trainer.abstract_state), _nbytes(trainer.abstract_state.params)
   batch_bytes = _nbytes(plan.train_batch_specs(trainer.config, trainer.mesh)) // 4
   train = report["train"]["memory_per_chip"]
@@ -116,7 +135,7 @@ def test_report_matches_the_compiled_steps(planned):
 def test_traffic_breakdown_adds_up_and_names_every_part(planned):
   report, steps = planned
   for name, direction in (("train", ("fwd", "bwd")), ("eval", ("fwd",))):
-    t, compiled = report[name]["traffic"], steps[name]["compiled"]
+    t, compiled = report[name]["traffic"], getattr(steps, name).compiled
     per = report[name]["clips_per_chip"]  # One device per chip.
     # The parts' bytes add up to the program's total, attributed or not.
     assert sum(r["bytes"] for r in t["by_part"]) == pytest.approx(t["bytes"])
@@ -152,11 +171,11 @@ def test_input_budget_from_the_shards(tmp_path):
   assert per_clip == 4000 / 5 and "2 train shard" in source
   host = tpu_specs.host_spec(tpu_specs.chip_spec("TPU v4"))
   i = plan.input_budget(90.0, num_chips=16, pipeline_clips_per_core=30.0, bytes_per_clip=per_clip,
-                        bytes_source=source, host=host)
+                        bytes_source=source, host=host).to_json()
   assert i["host_cores_per_chip"] == 3.0 and i["host"]["vcpus_per_chip"] == 60 and i["keeps_up"] is True
   assert i["storage_bytes_per_second_per_chip"] == 90 * 800 and i["storage_bytes_per_second"] == 16 * 90 * 800
   slow = plan.input_budget(90.0, num_chips=16, pipeline_clips_per_core=1.0, bytes_per_clip=None, bytes_source="?",
-                           host=host)
+                           host=host).to_json()
   assert slow["keeps_up"] is False and slow["storage_bytes_per_second_per_chip"] is None
   text = "\n".join(plan.format_input(slow))
   assert "DOES NOT keep up" in text and "frames_per_video=32" in text
@@ -169,7 +188,7 @@ def test_input_budget_from_the_shards(tmp_path):
 def test_batch_far_too_large_is_reported_not_raised(tmp_path, capsys):
   config = tiny_config(batch_size=4 * 65536)
   path = str(tmp_path / "plan.json")
-  report = plan.run(config, topology=TOPOLOGY, json_path=path)
+  report = plan.run(config, topology=TOPOLOGY, json_path=path).to_json()
   train = report["train"]
   assert train["ok"] is False and train["fits"] is False and train["batch_per_chip"] == 65536
   assert "\n" not in train["error"] and "memory" in train["error"].lower() and len(train["error"]) <= 300
@@ -177,11 +196,12 @@ def test_batch_far_too_large_is_reported_not_raised(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "does not fit" in out and "Traceback" not in out
   with open(path) as f:
-    assert json.load(f)["train"]["fits"] is False
+    saved = json.load(f)
+  assert saved["train"]["fits"] is False and saved == json.loads(json.dumps(report))  # The file is to_json().
 
 
 def test_batch_that_does_not_divide_names_the_field(capsys):
-  report = plan.run(tiny_config(batch_size=6, eval_batch_size=10), topology=TOPOLOGY)
+  report = plan.run(tiny_config(batch_size=6, eval_batch_size=10), topology=TOPOLOGY).to_json()
   assert "batch_size=6" in report["train"]["error"] and "'data'" in report["train"]["error"]
   assert "eval_batch_size=10" in report["eval"]["error"]
   assert report["train"]["fits"] is None and not report["train"]["ok"]

@@ -45,9 +45,9 @@ def _compile(topology):
   config = plan.target_config(tiny_config(len(devices)), "tpu", len(devices))
   mesh = plan.build_mesh(config, devices)
   steps = plan.compile_steps(config, mesh, eval=False)
-  assert steps["train"]["compiled"] is not None, steps["train"]["error"]
-  params = steps["trainer"].abstract_state.params
-  return config, steps["train"]["compiled"], sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(params))
+  assert steps.train.compiled is not None, steps.train.error
+  params = steps.trainer.abstract_state.params
+  return config, steps.train.compiled, sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(params))
 
 
 @pytest.fixture(scope="module")

@@ -15,35 +15,26 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import NUM_CLASSES, save_random_checkpoint, tiny_model_config
 from reference_views import MEAN, STD, eval_views, write_video
-from vfocal_jax import artifacts, checkpoints, evaluate, model_card, params_io, predict, resolve
-from vfocal_jax.configs import default, demo
+from vfocal_jax import checkpoints, evaluate, model_card, predict, resolve
+from vfocal_jax.configs import demo
 
-NUM_CLASSES = 5
-FRAMES = 4
-SIZE = 32
+FRAMES, SIZE = 4, 32  # The tiny model's clip (helpers.tiny_model_config).
 INTERVAL = 4  # The K400 recipe's frame_interval (configs/default.py).
 CLASS_NAMES = ["alpha", "beta", "gamma", "delta", "epsilon"]
 
 
 def _config(clips=2, crops=3):
-  config = default.get_config()
-  config.num_frames, config.image_size = FRAMES, SIZE
-  config.test_num_clips, config.test_num_crops = clips, crops
-  config.model.update(variant="custom", embed_dim=8, depths=(1, 1, 1, 1), focal_levels=(1, 1, 1, 1),
-                      num_classes=NUM_CLASSES, drop_path_rate=0.0, dtype="float32")
-  return config
+  return tiny_model_config(clips=clips, crops=crops)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("predict")
-  config = _config()
-  model = artifacts.build_model(config)
-  params = jax.tree.map(np.asarray, artifacts.init_params(model, jax.random.key(0), FRAMES, SIZE))
-  params["head"]["kernel"] = params["head"]["kernel"] * 20.0  # A decisive head: no float ties at the top.
-  card = model_card.card_from_config(config, model, class_names=CLASS_NAMES)
-  checkpoint = params_io.save_params(root / "converted", params, card)
+  # A decisive head (scaled by 20): no float ties at the top.
+  model, params, checkpoint = save_random_checkpoint(root / "converted", _config(), head_scale=20.0,
+                                                     class_names=CLASS_NAMES)
   rng = np.random.default_rng(0)
   videos = []
   for i, (h, w, n) in enumerate([(32, 48, 12), (48, 32, 9), (32, 32, 20)]):  # wide, tall, square

@@ -3,20 +3,16 @@ it exits promptly with ``EXIT_PREEMPTED``, says what it kept, and the checkpoint
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import numpy as np
-import pytest
 from flax import traverse_util
 
+from helpers import start_worker
 from vfocal_jax import checkpoints
 from vfocal_jax.preemption import EXIT_PREEMPTED
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
-ROOT = os.path.dirname(os.path.dirname(WORKER))
 PROMPT_S = 60  # Generous: the measured exits take well under a few seconds (docs/training.md).
 
 
@@ -26,11 +22,9 @@ def _sigterm_at(workdir, marker, count=1, timeout=300, env=None):
   ``env``: more environment variables for the worker. Returns (exit status, log, seconds from the signal to
   the exit).
   """
-  # One CPU device (the worker's flag); conftest's cheap XLA flags are inherited.
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", **(env or {}))
-  cmd = [sys.executable, WORKER, f"--workdir={workdir}", "--devices_per_process=1", "--steps=100000",
-         "--log_every=2", "--checkpoint_every=3"]
-  proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  # One CPU device (the worker's flag).
+  proc = start_worker(f"--workdir={workdir}", "--devices_per_process=1", "--steps=100000", "--log_every=2",
+                      "--checkpoint_every=3", env=env)
   lines, seen, signalled = [], [0], []
 
   def read():

@@ -14,9 +14,6 @@ import functools
 import json
 import os
 import shutil
-import subprocess
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -24,14 +21,12 @@ import tensorflow as tf
 from absl import logging as absl_logging
 from flax import traverse_util
 
-from multihost_worker import GLOBAL_BATCH, free_port, shards_config
+from helpers import GLOBAL_BATCH, free_port, shards_config, start_worker
 from vfocal_jax import checkpoints, train
 from vfocal_jax import input_pipeline as ip
 from vfocal_jax.input_pipeline import shard_format
 from vfocal_jax.input_pipeline.iterators import records_to_skip
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
-ROOT = os.path.dirname(os.path.dirname(WORKER))
 NUM_FILES, PER_FILE = 4, 4
 NUM_IDS = NUM_FILES * PER_FILE  # Video i has label i: an epoch is 16 examples, two global batches.
 
@@ -53,7 +48,7 @@ def _write_id_shards(directory):
 
 
 def _config(shards, **overrides):
-  return shards_config(types.SimpleNamespace(shards=shards, num_classes=NUM_IDS), **overrides)
+  return shards_config(shards, NUM_IDS, **overrides)
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,14 +71,10 @@ def _fresh_labels(shards, process_index, process_count, n):
 def _run_phase(tmp, name, num_processes, devices, mesh, extra):
   """One run of the worker on ``num_processes`` processes; returns (per-process outputs, logs)."""
   port = free_port()
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
-  procs = []
-  for i in range(num_processes):
-    cmd = [sys.executable, WORKER, f"--workdir={tmp / 'run'}", f"--shards={tmp / 'ids'}",
-           f"--num_classes={NUM_IDS}", f"--out={tmp / name}_{{process}}", f"--num_processes={num_processes}",
-           f"--process_id={i}", f"--port={port}", f"--devices_per_process={devices}", f"--mesh={mesh}", *extra]
-    procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True))
+  procs = [start_worker(f"--workdir={tmp / 'run'}", f"--shards={tmp / 'ids'}", f"--num_classes={NUM_IDS}",
+                        f"--out={tmp / name}_{{process}}", f"--num_processes={num_processes}", f"--process_id={i}",
+                        f"--port={port}", f"--devices_per_process={devices}", f"--mesh={mesh}", *extra)
+           for i in range(num_processes)]
   logs = []
   for p in procs:
     out, _ = p.communicate(timeout=300)

@@ -7,27 +7,23 @@ optimizer builder does) or ``torch.optim.AdamW`` (the demo's optimizer: weight d
 parameters of more than one dimension, Swin's grouping). Mixup and drop-path are off (their randomness is
 not torch's); the loss with mixup is tests/test_loss.py.
 """
-import pathlib
-import sys
-
 import jax
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks import torch_video_focalnet as tvf  # noqa: E402
-from multihost_worker import NUM_CLASSES, global_batch, tiny_config  # noqa: E402
-from vfocal_jax import sharding, train  # noqa: E402
-from vfocal_jax.convert.mapping import flax_to_torch_state_dict, torch_to_flax  # noqa: E402
+from benchmarks import torch_video_focalnet as tvf  # The repository root is on sys.path (conftest).
+from helpers import NUM_CLASSES, global_batch, tiny_config
+from reference_views import normalised
+from vfocal_jax import sharding, train
+from vfocal_jax.convert.mapping import flax_to_torch_state_dict, torch_to_flax
 
 STEPS = 3
 SMOOTHING = 0.1
 # The release clips at 5.0; this model's gradient norms are 2.1-2.7, so 2.4 here: some steps are clipped, some not.
 CLIP = 2.4
 ARCH = dict(embed_dim=8, depths=(1, 1), focal_levels=(1, 1), num_classes=NUM_CLASSES)
-REC601 = np.array([0.299, 0.587, 0.114])  # The luma weights of the pipeline's colour map (docs/data.md).
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -46,12 +42,8 @@ def _lr(config):
 
 
 def _model_input(batch):
-  """``[r, g, b, 1, mean luma] @ pixel_affine`` per clip (computed in float64), as (B, T, C, H, W) float32."""
-  x = batch["video"].astype(np.float64)
-  a = batch["pixel_affine"].astype(np.float64)
-  luma = (x @ REC601).reshape(len(x), -1).mean(1)[:, None, None, None, None]
-  y = np.einsum("bthwc,bcd->bthwd", x, a[:, :3]) + a[:, None, None, None, 3] + luma * a[:, None, None, None, 4]
-  return torch.from_numpy(y.astype(np.float32)).permute(0, 1, 4, 2, 3)
+  """The normalised clips (computed in float64, ``reference_views.normalised``) as (B, T, C, H, W) float32."""
+  return torch.from_numpy(normalised(batch).astype(np.float32)).permute(0, 1, 4, 2, 3)
 
 
 def _torch_model(config, seed=0):

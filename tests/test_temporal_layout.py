@@ -1,17 +1,13 @@
 """``temporal_layout='frames'`` (the temporal branch convolves along T in place) against PyTorch and 'regroup'."""
-import pathlib
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks import torch_video_focalnet as tvf  # noqa: E402
-from vfocal_jax.convert.mapping import torch_to_flax  # noqa: E402
-from vfocal_jax.models import create_model, layers  # noqa: E402
+from benchmarks import torch_video_focalnet as tvf  # The repository root is on sys.path (conftest).
+from vfocal_jax.convert.mapping import torch_to_flax
+from vfocal_jax.models import create_model, layers
 
 FRAMES, SIZE = 4, 32
 ARCH = dict(embed_dim=8, depths=(1, 1, 1, 1), num_classes=5)

@@ -26,7 +26,6 @@ import tarfile
 import time
 import warnings
 import zipfile
-import zlib
 
 import numpy as np
 import pytest

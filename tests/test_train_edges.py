@@ -9,15 +9,10 @@ import pytest
 from etils import epath
 from flax import traverse_util
 
-from multihost_worker import StreamIterator, tiny_config, use_synthetic_eval
+from helpers import ROOT, StreamIterator, tiny_config, use_synthetic_eval
 from vfocal_jax import checkpoints, train, train_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def _synthetic_eval(monkeypatch):
-  use_synthetic_eval(monkeypatch.setattr)
+pytestmark = pytest.mark.usefixtures("synthetic_eval")
 
 
 def _enospc(path):

@@ -1,23 +1,15 @@
 """Two processes joined by jax.distributed on 127.0.0.1 give the same losses and params as one."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 
-from multihost_worker import free_port
-
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
-ROOT = os.path.dirname(os.path.dirname(WORKER))
+from helpers import free_port, start_worker
 
 
 def _launch(out, num_processes, process_id, devices, port):
   # The device count is the worker's flag; conftest's cheap XLA flags are inherited (the same for both runs).
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, WORKER, f"--num_processes={num_processes}", f"--process_id={process_id}",
-         f"--port={port}", f"--devices_per_process={devices}", "--mesh=2,2", "--steps=2", f"--out={out}"]
-  return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return start_worker(f"--num_processes={num_processes}", f"--process_id={process_id}", f"--port={port}",
+                      f"--devices_per_process={devices}", "--mesh=2,2", "--steps=2", f"--out={out}")
 
 
 def test_two_processes_equal_one(tmp_path):

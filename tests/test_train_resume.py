@@ -8,13 +8,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from multihost_worker import StreamIterator, run_steps, tiny_config, use_synthetic_eval
+from helpers import StreamIterator, run_steps, tiny_config
 from vfocal_jax import checkpoints, evaluate, train
 
 
-@pytest.fixture(autouse=True)
-def _synthetic_eval(monkeypatch):
-  use_synthetic_eval(monkeypatch.setattr)
+pytestmark = pytest.mark.usefixtures("synthetic_eval")
 
 
 class _SigtermAt(StreamIterator):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from multihost_worker import run_steps, tiny_config
+from helpers import global_batch, run_steps, tiny_config
 from vfocal_jax import sharding
 
 
@@ -56,7 +56,6 @@ def test_sgd_step_matches_single_device(reference, mesh_shape, fsdp):
 # own scale.
 
 def _grads(config, mesh=None, rules=sharding.DEFAULT_RULES):
-  from multihost_worker import global_batch
   from vfocal_jax import train
   trainer = train.Trainer(config, steps_per_epoch=100, mesh=mesh, rules=rules)
   state = trainer.init_state()

@@ -1,19 +1,17 @@
 """visualize (modulator maps + top-5 PNGs) and plots (training curves, confusion matrix)."""
 import os
 
-import jax
 import numpy as np
 import pytest
 from flax import traverse_util
 from matplotlib import image as matplotlib_image
 
-from vfocal_jax import artifacts, model_card, params_io, plots, predict, resolve, visualize
-from vfocal_jax.configs import default
+from helpers import save_random_checkpoint, tiny_model_config
+from vfocal_jax import plots, predict, resolve, visualize
 from vfocal_jax.data.demo_dataset import render_video, write_mp4
 
 NUM_CLASSES = 4
-FRAMES = 4
-SIZE = 32
+FRAMES, SIZE = 4, 32  # The tiny model's clip (helpers.tiny_model_config).
 
 
 def _image(path):
@@ -21,23 +19,11 @@ def _image(path):
   return matplotlib_image.imread(path)[..., :3]
 
 
-def _config():
-  config = default.get_config()
-  config.num_frames, config.image_size = FRAMES, SIZE
-  config.test_num_clips, config.test_num_crops = 1, 3
-  config.model.update(variant="custom", embed_dim=8, depths=(1, 1, 1, 1), focal_levels=(1, 1, 1, 1),
-                      num_classes=NUM_CLASSES, drop_path_rate=0.0, dtype="float32")
-  return config
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
   root = tmp_path_factory.mktemp("visualize")
-  config = _config()
-  model = artifacts.build_model(config)
-  params = jax.tree.map(np.asarray, artifacts.init_params(model, jax.random.key(1), FRAMES, SIZE))
-  card = model_card.card_from_config(config, model)
-  return dict(root=root, model=model, params=params, checkpoint=params_io.save_params(root / "ckpt", params, card))
+  model, params, checkpoint = save_random_checkpoint(root / "ckpt", tiny_model_config(NUM_CLASSES, crops=3), seed=1)
+  return dict(root=root, model=model, params=params, checkpoint=checkpoint)
 
 
 def test_visualize_figures_follow_the_input(converted, tmp_path):

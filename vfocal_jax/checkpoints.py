@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -36,7 +37,7 @@ from etils import epath
 from flax import serialization
 from orbax.checkpoint import checkpoint_managers as cm
 
-from vfocal_jax import errors, paths
+from vfocal_jax import errors, file_checks, paths
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -60,6 +61,33 @@ class DataRestore:
   saved_device_count: int | None = None
 
 
+# position.json's counts: the least each may be. Larger than 10**15 is not a count we wrote.
+_POSITION_COUNTS = {"examples_consumed": 0, "global_batch": 1, "epoch_size": 0, "skipped_at_start": 0,
+                    "process_count": 1, "device_count": 1}
+
+
+def read_position(path: paths.PathLike) -> dict[str, Any]:
+  """``data/position.json`` of a checkpoint, checked; ``{}`` when there is none (checkpoints written before it).
+
+  Its counts are integers (``examples_consumed``, ``epoch_size``,
+  ``skipped_at_start`` >= 0; ``global_batch``, ``process_count``,
+  ``device_count`` >= 1) or null, ``state_saved`` is true/false. A damaged
+  file is a ``BadFileError`` naming it and the field: the input position it
+  holds decides which examples a resumed run sees, so it is never guessed.
+  """
+  target = epath.Path(path)
+  if not target.exists():
+    return {}
+  name = os.fspath(target)
+  position = dict(file_checks.mapping(file_checks.parse_json(paths.read_bytes(target), name), name))
+  for key, lo in _POSITION_COUNTS.items():
+    if position.get(key) is not None:
+      file_checks.integer(position[key], name, key, lo=lo, hi=10 ** 15)
+  if position.get("state_saved") is not None:
+    file_checks.boolean(position["state_saved"], name, "state_saved")
+  return position
+
+
 def _process_file(process_index: int, process_count: int) -> str:
   return f"process_{process_index}-of-{process_count}"
 
@@ -81,8 +109,7 @@ def restore_data(directory: epath.Path, item: Any, process_index: int, process_c
   resumes near the saved global count of examples (``position.json``);
   anything else starts from the beginning. Never raises for a missing state.
   """
-  position_path = directory / POSITION_FILE
-  position = json.loads(position_path.read_text()) if position_path.exists() else {}
+  position = read_position(directory / POSITION_FILE)
   saved_processes = _saved_process_count(directory, position)
   result = functools.partial(DataRestore, saved_process_count=saved_processes,
                              saved_device_count=position.get("device_count"))
@@ -90,7 +117,14 @@ def restore_data(directory: epath.Path, item: Any, process_index: int, process_c
   if any(p.name == own.name or p.name.startswith(own.name + ".") for p in directory.iterdir()):
     if hasattr(item, "restore_position"):  # First: it may rebuild the stream that the state fits.
       item.restore_position(position, exact=True)
-    item.restore(os.fspath(own))
+    try:
+      item.restore(os.fspath(own))
+    except Exception as e:  # pylint: disable=broad-except
+      if not _is_read_error(e):
+        raise
+      cause = " ".join(str(e).split())[:300] or type(e).__name__
+      raise errors.BadFileError(own, f"the input iterator's saved state cannot be read ({type(e).__name__}: "
+                                     f"{cause}); the file may be truncated or written by another pipeline") from e
     return result(True, "the saved state of this host's iterator")
   why = (f"no iterator state for process {process_index} of {process_count} "
          f"(saved by {saved_processes or 'an unknown number of'} process(es))")
@@ -100,6 +134,12 @@ def restore_data(directory: epath.Path, item: Any, process_index: int, process_c
     return result(None, f"{why}; this iterator cannot move, it starts from the beginning")
   moved, detail = item.restore_position(position, exact=False)
   return result(False if moved else None, f"{why}; {detail}")
+
+
+def _is_read_error(error: BaseException) -> bool:
+  """Whether restoring an iterator's state failed on the file (tf's errors, a bad value, I/O), not in our code."""
+  return (isinstance(error, (OSError, ValueError, EOFError, IndexError, KeyError))
+          or type(error).__module__.startswith("tensorflow"))
 
 
 class DataIteratorHandler(ocp.CheckpointHandler):
@@ -306,11 +346,64 @@ def describe_restore(step: int, directory: Any, data: DataRestore | None, proces
           f"Approximate: the input position ({data.detail}).")
 
 
+LOOP_FILE = "metadata"  # The file ocp.JsonCheckpointHandler writes in ``<step>/loop``.
+
+
 def read_loop_state(manager: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
-  """The loop's JSON state saved at ``step`` (None for checkpoints written without one)."""
-  if not (epath.Path(manager.directory) / str(step) / "loop").exists():
+  """The loop's JSON state saved at ``step``, checked (None for checkpoints written without one).
+
+  A damaged one (unreadable, or a metrics window whose numbers do not fit)
+  is not used: a warning names the file and says what is assumed (the open
+  metrics window starts empty, so the first report after the resume averages
+  only the steps after ``step``), and None comes back. It holds nothing else.
+  """
+  directory = epath.Path(manager.directory) / str(step) / "loop"
+  if not directory.exists():
     return None
-  return manager.restore(step, args=ocp.args.Composite(loop=ocp.args.JsonRestore()))["loop"]
+  path = directory / LOOP_FILE
+  try:
+    return check_loop_state(paths.read_json(path), os.fspath(path))
+  except errors.UserError as e:
+    logging.warning("%s; the open metrics window is not carried over: the first metrics reported after the "
+                    "resume average only the steps after step %d.", e, step)
+    return None
+
+
+def check_loop_state(value: Any, path: str) -> dict[str, Any]:
+  """The loop state ``{"window": {"num_steps": N, "sums": ...}}``: a ``BadFileError`` unless each number fits.
+
+  ``sums`` must have exactly the entries of ``metrics.TrainMetrics`` (float
+  totals within float32, integer counts within int32); ``num_steps`` >= 0.
+  """
+  fc = file_checks
+  state = dict(fc.mapping(value, path))
+  if state.get("window") is None:
+    return state
+  window = fc.mapping(state["window"], path, "window")
+  fc.integer(window.get("num_steps"), path, "window.num_steps", lo=0, hi=10 ** 12)
+  if window.get("sums") is not None:
+    from vfocal_jax import metrics  # pylint: disable=import-outside-toplevel
+    template = serialization.to_state_dict(metrics.TrainMetrics.empty())
+    _check_like(window["sums"], template, path, "window.sums")
+  return state
+
+
+def _check_like(value: Any, template: Any, path: str, field: str) -> None:
+  """``value`` has ``template``'s entries (nested dicts) and numbers of its leaves' kinds."""
+  fc = file_checks
+  if isinstance(template, dict):
+    value = fc.mapping(value, path, field)
+    if set(value) != set(template):
+      missing, extra = sorted(set(template) - set(value)), sorted(set(value) - set(template))
+      raise fc.BadFileError(path, f"{field} has " + "; ".join(
+          p for p in (f"no {', '.join(missing)}" if missing else "",
+                      f"unknown entries {', '.join(map(repr, extra[:5]))}" if extra else "") if p))
+    for key in template:
+      _check_like(value[key], template[key], path, f"{field}.{key}")
+  elif np.issubdtype(np.asarray(template).dtype, np.integer):
+    fc.integer(value, path, field, lo=0, hi=np.iinfo(np.int32).max)
+  else:
+    fc.number(value, path, field, lo=-3.0e38, hi=3.0e38)
 
 
 def _has_data_dir(manager: ocp.CheckpointManager, step: int) -> bool:
@@ -331,7 +424,114 @@ def write_config(workdir: paths.PathLike, config: ml_collections.ConfigDict) -> 
 
 
 def read_config(workdir: paths.PathLike) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(paths.read_json(paths.resolve(workdir) / CONFIG_FILE))
+  """``workdir/config.json`` (``write_config``), checked by ``check_config``; a damaged one is a ``BadFileError``."""
+  path = paths.resolve(workdir) / CONFIG_FILE
+  return ml_collections.ConfigDict(check_config(paths.read_json(path), os.fspath(path)))
+
+
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def check_config(value: Any, path: str, *, field_prefix: str | None = None) -> dict[str, Any]:
+  """A training run's saved config (JSON), checked where commands read it back; the checked dict.
+
+  Eval reads its ``data`` block (the split the run used), a workdir without
+  a model card its ``model`` block. So: the file is a JSON object whose field
+  names are names; ``data`` and ``model`` are objects; each of their fields
+  that this version knows has the type of its default (or is null: unset);
+  the fields a model card also holds (``model.embed_dim``,
+  ``num_frames``, ``data.mean``, ...) pass the card's checks
+  (``model_card.check_fields``). ``data`` fields the file lacks (written by
+  an older version) take their defaults, and a warning lists them. Other
+  fields are the user's own and pass unchecked.
+  """
+  from vfocal_jax import model_card  # pylint: disable=import-outside-toplevel
+  from vfocal_jax.configs import default  # pylint: disable=import-outside-toplevel
+  fc = file_checks
+  config = dict(fc.mapping(value, path))
+  _check_names(config, path, "")
+  defaults = default.get_config()
+  for section in ("data", "model"):
+    name = section if field_prefix is None else field_prefix
+    if section not in config:
+      raise fc.BadFileError(path, f"has no {section} object (a config.json written by train always has one)")
+    block = dict(fc.mapping(config.get(section, {}), path, name or "the file"))
+    for key in block:
+      if key in defaults[section]:
+        _check_type(block[key], defaults[section][key], defaults[section].get_type(key), path,
+                    f"{name}.{key}" if name else key)
+    config[section] = block
+  missing = [k for k in defaults.data if k not in config["data"]]
+  if missing and field_prefix is None:
+    logging.warning("%s: data has no %s (written by an older version?); assumed the defaults: %s%s", path,
+                    ", ".join(missing), ", ".join(f"{k}={defaults.data[k]!r}" for k in missing[:8]),
+                    " ..." if len(missing) > 8 else "")
+    config["data"] = {**{k: _plain(defaults.data[k]) for k in missing}, **config["data"]}
+  flat = {f"{section}.{k}": v for section in ("data", "model") for k, v in config[section].items()}
+  flat.update((k, config[k]) for k in model_card.CLIP_FIELDS + ("test_num_clips", "test_num_crops") if k in config)
+  model_card.check_fields({k: v for k, v in flat.items() if v is not None}, path)
+  return config
+
+
+LEGACY_MODEL_FILE = "model.json"  # The architecture of a converted checkpoint written before model cards.
+
+
+def read_legacy_model_fields(directory: paths.PathLike) -> dict[str, Any]:
+  """The model fields of an artifact written before model cards: its ``model.json``, else ``config.json``'s ``model``.
+
+  Checked as ``check_config`` checks a config's ``model`` block (the file a
+  ``BadFileError``'s message names); a directory with neither file is a
+  ``MissingFileError``.
+  """
+  root = paths.resolve(directory)
+  if (root / LEGACY_MODEL_FILE).exists():
+    path = os.fspath(root / LEGACY_MODEL_FILE)
+    return check_config({"model": paths.read_json(path), "data": {}}, path, field_prefix="")["model"]
+  if (root / CONFIG_FILE).exists():
+    return dict(read_config(root).model)
+  raise errors.MissingFileError(os.fspath(root), f"no model_card.json, {LEGACY_MODEL_FILE} or {CONFIG_FILE}: "
+                                                 "not a converted checkpoint or training workdir of vfocal_jax")
+
+
+def _plain(value: Any) -> Any:
+  return list(value) if isinstance(value, tuple) else value
+
+
+def _check_names(value: Any, path: str, field: str) -> None:
+  for key, item in value.items():
+    name = f"{field}.{key}" if field else str(key)
+    if not _FIELD_NAME.match(key) or key.startswith("__"):
+      raise file_checks.BadFileError(path, f"has the field {name[:80]!r}, which is not a config field name")
+    if isinstance(item, dict):
+      _check_names(item, path, name)
+
+
+def _check_type(value: Any, default_value: Any, kind: type, path: str, field: str) -> None:
+  """``value`` (JSON) is of the config field's type: bool, int, float (an int too), str, tuple (a list: of the
+  default's length and kind of number when the default is a tuple of numbers)."""
+  fc = file_checks
+  if value is None:  # An unset field: a config may hold None anywhere (the run did with it).
+    return
+  if kind is bool:
+    fc.boolean(value, path, field)
+  elif kind is int:
+    fc.integer(value, path, field)
+  elif kind is float:
+    fc.number(value, path, field)
+  elif kind is str:
+    fc.string(value, path, field)
+  elif kind in (tuple, list):
+    items = list(default_value or ())
+    if items and all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+      fc.integers(value, path, field, length=len(items))
+    elif items and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+      fc.numbers(value, path, field, length=len(items))
+    elif items and all(isinstance(v, str) for v in items):
+      fc.strings(value, path, field, max_len=1 << 16)
+    else:
+      fc.sequence(value, path, field, max_len=1 << 16)
+  elif isinstance(default_value, ml_collections.ConfigDict):
+    fc.mapping(value, path, field)
 
 
 def load_params_from_workdir(workdir: paths.PathLike, step: int | None = None) -> tuple[Any, int]:
@@ -344,7 +544,7 @@ def load_params_from_workdir(workdir: paths.PathLike, step: int | None = None) -
   step = manager.latest_step() if step is None else step
   manager.close()
   if step is None:
-    raise FileNotFoundError(f"No checkpoint in {manager.directory}: train first, or give --checkpoint.")
+    raise errors.MissingFileError(manager.directory, "no checkpoint in it yet: train first, or give --checkpoint")
   path = epath.Path(manager.directory) / str(step) / "state"
   with ocp.PyTreeCheckpointer() as checkpointer:
     meta = checkpointer.metadata(path)

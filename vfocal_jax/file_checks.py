@@ -16,7 +16,7 @@ from typing import Any
 from vfocal_jax.errors import BadFileError
 
 __all__ = ["BadFileError", "MAX_TEXT_BYTES", "parse_json", "decode_text", "mapping", "integer", "number",
-           "boolean", "choice", "string", "numbers", "integers", "strings"]
+           "boolean", "choice", "string", "sequence", "numbers", "integers", "strings"]
 
 MAX_TEXT_BYTES = 64 << 20  # A JSON or text file we read whole (cards, dataset_info, labels): 64 MiB at most.
 _MAX_DEPTH = 64
@@ -61,6 +61,10 @@ def parse_json(data: bytes | str, path: Any) -> Any:
                              "the file may be truncated or hand-edited") from None
   except RecursionError:
     raise BadFileError(path, f"JSON nested more than {_MAX_DEPTH} levels deep") from None
+  except BadFileError:
+    raise
+  except ValueError as e:  # An integer of more than 4,300 digits (Python's limit on int(str)).
+    raise BadFileError(path, f"not valid JSON ({' '.join(str(e).split())[:120]})") from None
   if _depth(value, _MAX_DEPTH) > _MAX_DEPTH:
     raise BadFileError(path, f"JSON nested more than {_MAX_DEPTH} levels deep")
   return value
@@ -77,6 +81,11 @@ def _kind(value: Any) -> str:
       type(value), type(value).__name__)
 
 
+def _show(value: Any) -> str:
+  """``null``, ``true/false True``, ``a string 'x'``: the kind of a wrong value, and the value (short)."""
+  return "null" if value is None else f"{_kind(value)} {value!r:.40}"
+
+
 def mapping(value: Any, path: Any, field: str = "the file") -> Mapping[str, Any]:
   if not isinstance(value, dict):
     raise BadFileError(path, f"{field} is {_kind(value)}, expected a JSON object")
@@ -86,7 +95,7 @@ def mapping(value: Any, path: Any, field: str = "the file") -> Mapping[str, Any]
 def integer(value: Any, path: Any, field: str, *, lo: int | None = None, hi: int | None = None) -> int:
   """An int (JSON has no other kind: 3.0 and "3" are refused) within [lo, hi]."""
   if isinstance(value, bool) or not isinstance(value, int):
-    raise BadFileError(path, f"{field} is {_kind(value)} {value!r:.40}, expected an integer")
+    raise BadFileError(path, f"{field} is {_show(value)}, expected an integer")
   if (lo is not None and value < lo) or (hi is not None and value > hi):
     raise BadFileError(path, f"{field} is {value}, expected {_bounds(lo, hi)}")
   return value
@@ -96,7 +105,7 @@ def number(value: Any, path: Any, field: str, *, lo: float | None = None, hi: fl
            positive: bool = False) -> float:
   """A finite int or float within [lo, hi] (and > 0 if ``positive``)."""
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-    raise BadFileError(path, f"{field} is {_kind(value)} {value!r:.40}, expected a finite number")
+    raise BadFileError(path, f"{field} is {_show(value)}, expected a finite number")
   if positive and value <= 0:
     raise BadFileError(path, f"{field} is {value}, expected a number > 0")
   if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -106,7 +115,7 @@ def number(value: Any, path: Any, field: str, *, lo: float | None = None, hi: fl
 
 def boolean(value: Any, path: Any, field: str) -> bool:
   if not isinstance(value, bool):
-    raise BadFileError(path, f"{field} is {_kind(value)} {value!r:.40}, expected true or false")
+    raise BadFileError(path, f"{field} is {_show(value)}, expected true or false")
   return value
 
 
@@ -124,9 +133,14 @@ def choice(value: Any, path: Any, field: str, options: Sequence[str]) -> str:
   return value
 
 
+def sequence(value: Any, path: Any, field: str, *, length: int | None = None, max_len: int = 1 << 20) -> list:
+  """A JSON list (of anything) with ``length`` items, or at most ``max_len``."""
+  return _sequence(value, path, field, length, max_len)
+
+
 def _sequence(value: Any, path: Any, field: str, length: int | None, max_len: int) -> list:
   if not isinstance(value, (list, tuple)):
-    raise BadFileError(path, f"{field} is {_kind(value)} {value!r:.40}, expected a list")
+    raise BadFileError(path, f"{field} is {_show(value)}, expected a list")
   if length is not None and len(value) != length:
     raise BadFileError(path, f"{field} has {len(value)} value{'s' * (len(value) != 1)}, expected {length}")
   if len(value) > max_len:

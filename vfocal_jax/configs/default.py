@@ -56,6 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.tubelet_size = 1        # Frames per stem patch (released models: 1).
   config.model.dtype = "bfloat16"      # Compute dtype (the recipe used AMP O1); params stay float32.
   config.model.remat = False           # Rematerialise blocks (TRAIN.USE_CHECKPOINT).
+  config.model.remat_policy = "nothing"  # With remat: what a block keeps for its backward: nothing | dots |
+  #                                      dots_no_batch | modulators | everything (docs/traffic_cuts.md).
+  config.model.layer_norm_impl = "flax"     # flax | recompute: same forward, a VJP that keeps only the input.
+  config.model.focal_projection = "fused"  # fused | split | split_spatial: a matmul per group, gates as reductions.
   config.model.dense_init = "official"  # Linear init: official trunc_normal(0.02) | fan_in (from scratch; docs/training.md).
 
   # Input pipeline (every field documented in configs/data.py).

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -187,6 +186,35 @@ def build_demo_dataset(output_dir: str, *, train_per_class: int = 100, val_per_c
           "class_names": list(CLASS_NAMES), "train_info": train_info, "val_info": val_info}
 
 
+LAYOUT_FIELDS = {"oversample": 2, "frames_per_video": 1}  # make_shards layouts the DONE marker records (least value).
+
+
+def read_done_marker(path: str) -> dict[str, int]:
+  """The layout a finished demo dataset was built with: its ``DONE`` file, checked.
+
+  Empty (the default layout) or a JSON object of ``LAYOUT_FIELDS``, each an
+  integer of at least its least value. Anything else is a ``BadFileError``
+  naming the file: a damaged marker cannot say which data the directory
+  holds, so it is never taken for the default; deleting the directory
+  builds the data again.
+  """
+  from vfocal_jax import file_checks
+  from vfocal_jax.errors import BadFileError
+  try:
+    with open(path, "rb") as f:
+      text = file_checks.decode_text(f.read(file_checks.MAX_TEXT_BYTES + 1), path)
+    if not text.strip():
+      return {}
+    built = dict(file_checks.mapping(file_checks.parse_json(text, path), path))
+    for key, value in built.items():
+      if key not in LAYOUT_FIELDS:
+        raise BadFileError(path, f"has the unknown field {key[:40]!r}, expected only {', '.join(LAYOUT_FIELDS)}")
+      file_checks.integer(value, path, key, lo=LAYOUT_FIELDS[key], hi=1 << 20)
+    return built
+  except BadFileError as e:
+    raise BadFileError(path, f"{e.problem}; delete {os.path.dirname(path)} to build the demo data again") from None
+
+
 def prepare(config, workdir: str):
   """The demo config's data: builds the shards once (process 0), points ``config.data`` at them.
 
@@ -218,11 +246,12 @@ def prepare(config, workdir: str):
     with open(done, "w") as f:
       f.write(json.dumps(layout) if layout else "")
   if os.path.exists(done):
-    with open(done) as f:
-      built = json.loads(f.read() or "{}")
+    built = read_done_marker(done)
     if built != layout:
-      raise ValueError(f"{demo_dir} holds the demo data built with config.demo_dataset {built or 'defaults'}, "
-                       f"not {layout or 'defaults'}: give another --workdir or --config.demo_data_dir.")
+      from vfocal_jax import errors
+      raise errors.MismatchError(f"{demo_dir} holds the demo data built with config.demo_dataset "
+                                 f"{built or 'defaults'}, not {layout or 'defaults'}: give another --workdir or "
+                                 "--config.demo_data_dir.")
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("demo_data")

@@ -65,8 +65,82 @@ def _gelu_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
-def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=1e-5, dtype=dtype, name=name)
+LAYER_NORM_IMPLS = ("flax", "recompute")
+
+
+def layer_norm(name: str, dtype: Dtype, impl: str = "flax") -> nn.Module:
+  """LayerNorm over the last axis, eps 1e-5, params `scale`/`bias` (nn.LayerNorm's names, shapes and init).
+
+  `impl='flax'`: `nn.LayerNorm`. `'recompute'`: the same forward, op for op (the same numbers), with a
+  VJP that keeps only the input and the per-token mean and 1/std and recomputes the normalised input in
+  the backward pass; autodiff of nn.LayerNorm keeps three float32 copies of the input (x^2, x - mean,
+  the normalised x). The gradients agree to rounding (the textbook formula for the mean/variance path).
+  """
+  if impl == "flax":
+    return nn.LayerNorm(epsilon=1e-5, dtype=dtype, name=name)
+  if impl == "recompute":
+    return RecomputeLayerNorm(epsilon=1e-5, dtype=dtype, name=name)
+  raise ValueError(f"layer_norm_impl={impl!r}: expected one of {LAYER_NORM_IMPLS}.")
+
+
+def _ln_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """flax's `_compute_stats` (fast variance, float32 or wider): mean and variance over the last axis."""
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mu, mu2 = xf.mean(-1), lax.square(xf).mean(-1)
+  return mu, jnp.maximum(0.0, mu2 - lax.square(mu))
+
+
+def _ln_forward(x, scale, bias, epsilon, dtype):
+  """flax's `_normalize`, op for op; returns the output and the residuals (x, mean, 1/std)."""
+  mu, var = _ln_stats(x)
+  mean = mu[..., None]
+  y = x - mean
+  rstd = lax.rsqrt(var[..., None] + epsilon)
+  y = y * (rstd * scale)
+  y = y + bias
+  return jnp.asarray(y, dtype), (x, mean, rstd, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm_recompute(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype: Any) -> jax.Array:
+  return _ln_forward(x, scale, bias, epsilon, dtype)[0]
+
+
+def _ln_fwd(x, scale, bias, epsilon, dtype):
+  y, (x, mean, rstd, scale) = _ln_forward(x, scale, bias, epsilon, dtype)
+  return y, (x, mean, rstd, scale, bias)
+
+
+def _ln_bwd(epsilon, dtype, res, g):
+  x, mean, rstd, scale, bias = res
+  acc = mean.dtype
+  xhat = (x.astype(acc) - mean) * rstd
+  g = g.astype(acc)
+  axes = tuple(range(x.ndim - 1))
+  dbias = jnp.sum(g, axes)
+  dscale = jnp.sum(g * xhat, axes)
+  gx = g * scale
+  dx = rstd * (gx - gx.mean(-1, keepdims=True) - xhat * (gx * xhat).mean(-1, keepdims=True))
+  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+layer_norm_recompute.defvjp(_ln_fwd, _ln_bwd)
+
+
+class RecomputeLayerNorm(nn.Module):
+  """`nn.LayerNorm(epsilon, dtype)` (last axis, scale and bias) with `layer_norm_recompute`'s lean VJP."""
+  epsilon: float = 1e-5
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+    # nn.LayerNorm's output dtype: `dtype`, else the promotion of x and the params.
+    dtype = self.dtype if self.dtype is not None else jnp.result_type(x, scale, bias)
+    return layer_norm_recompute(x, scale, bias, self.epsilon, jnp.dtype(dtype))
 
 
 def resolve_depthwise_impl(impl: str, *, platform: str | None = None, model_axis: int = 1) -> str:
@@ -217,6 +291,18 @@ def dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype, use_bias: 
           init: str = "official") -> nn.Dense:
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                   kernel_init=dense_initializer(init), name=name)
+
+
+class DenseParams(nn.Module):
+  """The kernel and bias `dense(features, ...)` creates (same names, shapes, init), returned unused."""
+  features: int
+  init: str = "official"
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+    return (self.param("kernel", dense_initializer(self.init), (in_features, self.features), self.param_dtype),
+            self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype))
 
 
 def conv(features: int, kernel_size: Sequence[int], name: str, dtype: Dtype, param_dtype: Dtype,

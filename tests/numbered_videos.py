@@ -1,4 +1,4 @@
-"""Videos whose pixels say which video and which frame they are (for tests).
+"""Videos whose pixels say which video and which frame they are (test support, not part of the library).
 
 Frame f of video v (flat colours survive JPEG well):
   R = 8 * f + 4          (f < 32)
@@ -6,6 +6,8 @@ Frame f of video v (flat colours survive JPEG well):
   B = 40 + 4 * x         horizontal ramp (x < 48): tells crops and flips apart
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -33,6 +35,15 @@ def write_video(path: str, frames: np.ndarray, fps: int = 10) -> None:
         container.mux(packet)
     for packet in stream.encode():
       container.mux(packet)
+
+
+def write_numbered_videos(root, lengths, height: int, width: int, label) -> list[str]:
+  """Video v (``lengths[v]`` frames) as ``root``/v{v}.mkv; returns the CSV lines ``v{v}.mkv,{label(v)}\n``."""
+  lines = []
+  for vid, n in enumerate(lengths):
+    write_video(os.path.join(root, f"v{vid}.mkv"), numbered_frames(vid, n, height, width))
+    lines.append(f"v{vid}.mkv,{label(vid)}\n")
+  return lines
 
 
 def frame_number(pixels: np.ndarray) -> np.ndarray:
