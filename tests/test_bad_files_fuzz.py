@@ -381,20 +381,17 @@ def test_train_with_a_damaged_demo_marker(tmp_path):
   assert "delete" in line and not (tmp_path / "w").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="until predict.read_video_list calls sources.read_video_list (issue 23)")
 def test_predict_with_a_binary_video_list(tmp_path):
   listing = tmp_path / "videos.csv"
   listing.write_bytes(bytes(range(256)))
   _one_line(_main("predict", f"--checkpoint={tmp_path}", f"--video={listing}"), listing)
 
 
-@pytest.mark.xfail(strict=True, reason="until artifacts._legacy_card calls checkpoints.read_legacy_model_fields")
 def test_predict_with_a_workdir_whose_config_json_is_a_list(tmp_path):
   path = _write_case(tmp_path / "run", "config_json", b"[1, 2]")
   _one_line(_main("predict", f"--workdir={path.parent}", f"--video={tmp_path / 'a.mp4'}"), path)
 
 
-@pytest.mark.xfail(strict=True, reason="until cli checks that get_config() returned a ConfigDict")
 def test_a_config_file_whose_get_config_returns_a_list(tmp_path):
   config = tmp_path / "my_config.py"
   config.write_text("def get_config():\n  return [1, 2]\n")

@@ -20,7 +20,7 @@ import pytest
 
 from helpers import NUM_CLASSES, ROOT, save_random_checkpoint, tiny_model_config
 from reference_views import MEAN, STD, write_video
-from vfocal_jax import artifacts, model_card, params_io, predict, resolve
+from vfocal_jax import artifacts, errors, model_card, params_io, predict, resolve
 from vfocal_jax.export import runtime, writer
 
 FRAMES, SIZE = 4, 32  # The tiny model's clip (helpers.tiny_model_config).
@@ -162,6 +162,29 @@ def test_a_damaged_model_file_is_refused(exported, tmp_path):
     runtime.load(damaged)
   with pytest.raises(FileNotFoundError, match="not an exported model"):
     runtime.load(exported["checkpoint"])
+  (damaged / "model.jax").write_bytes(b"\x00" * 64 + data[:100])  # Not a flatbuffer: deserialization fails.
+  with pytest.raises(errors.BadFileError, match="model.jax: cannot be deserialized"):
+    runtime.load(damaged, verify=False)
+
+
+def test_a_damaged_card_or_golden_file_is_one_line_naming_it(exported, tmp_path):
+  damaged = tmp_path / "damaged"
+  shutil.copytree(exported["out"], damaged, ignore=shutil.ignore_patterns("saved_model"))
+  card = json.loads((damaged / "model_card.json").read_text())
+  for where, value, message in ((("files",), ["model.jax"], "export.files is a list"),
+                                (("golden", "atol", "default"), "1e-5", "export.golden.atol.default is a string")):
+    bad = json.loads(json.dumps(card))
+    target = bad["export"]
+    for key in where[:-1]:
+      target = target[key]
+    target[where[-1]] = value
+    (damaged / "model_card.json").write_text(json.dumps(bad))
+    with pytest.raises(errors.BadFileError, match=message):
+      runtime.load(damaged)
+  (damaged / "model_card.json").write_text(json.dumps(card))
+  (damaged / "golden.npz").write_bytes(b"PK\x03\x04 not a zip")
+  with pytest.raises(errors.BadFileError, match="golden.npz: not the golden clips"):
+    runtime.load(damaged).check_golden()
 
 
 def test_wrong_clips_are_one_line_errors_naming_the_expected_shape(exported):

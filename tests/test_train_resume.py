@@ -9,7 +9,7 @@ import pytest
 from flax import traverse_util
 
 from helpers import StreamIterator, run_steps, tiny_config
-from vfocal_jax import checkpoints, evaluate, train
+from vfocal_jax import checkpoints, errors, evaluate, train
 
 
 pytestmark = pytest.mark.usefixtures("synthetic_eval")
@@ -95,7 +95,7 @@ def test_non_finite_loss_stops_and_names_the_last_checkpoint(tmp_path):
     _run(config, workdir, _NanAt(config, at=2))
   ckpt_dir = os.path.join(workdir, "checkpoints")
   assert f"the last checkpoint (step 2 in {ckpt_dir}) is intact" in str(e.value)
-  assert isinstance(e.value, ValueError) and "\n" not in str(e.value)  # One line on the command line.
+  assert isinstance(e.value, errors.UserError) and "\n" not in str(e.value)  # One line on the command line.
   steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
   assert steps == [2]
   params, step = checkpoints.load_params_from_workdir(workdir)

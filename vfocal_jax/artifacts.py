@@ -113,12 +113,8 @@ def artifact_kind(path: paths.PathLike) -> str | None:
 
 def _legacy_card(root: Any, config: ml_collections.ConfigDict) -> ModelCard:
   """A card for artifacts written before cards: the architecture they recorded, the rest from ``config``."""
-  if (root / "model.json").exists():
-    fields = paths.read_json(root / "model.json")
-  elif (root / "config.json").exists():
-    fields = paths.read_json(root / "config.json").get("model", {})
-  else:
-    raise errors.MissingFileError(root, f"no {model_card.CARD_FILE}, model.json or config.json")
+  from vfocal_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  fields = checkpoints.read_legacy_model_fields(root)
   logging.warning("%s has no %s (written by an older version): clip and preprocessing come from the config.",
                   root, model_card.CARD_FILE)
   config = config_fields.updated(config, {"model": ml_collections.ConfigDict(fields)}, new_fields=True)

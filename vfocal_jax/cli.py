@@ -47,6 +47,7 @@ import traceback
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
+import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from vfocal_jax import errors  # noqa: E402
@@ -304,9 +305,10 @@ def run_command(command: str, config, *, overrides: frozenset[str]) -> None:
                                    workdir=FLAGS.workdir)
     elif command == "predict":
       from vfocal_jax import predict
+      videos = predict.read_videos(FLAGS.video)  # A bad list is named before minutes of loading.
       loaded = (resolve.exported(user, FLAGS.exported) if FLAGS.exported else
                 resolve.artifact(user, checkpoint=FLAGS.checkpoint, workdir=FLAGS.workdir))
-      predict.run(loaded, videos=FLAGS.video, labels=FLAGS.labels, output_csv=FLAGS.output_csv)
+      predict.run(loaded, videos=videos, labels=FLAGS.labels, output_csv=FLAGS.output_csv)
     elif command == "visualize":
       from vfocal_jax import visualize
       loaded = resolve.artifact(user, checkpoint=FLAGS.checkpoint, workdir=FLAGS.workdir)
@@ -326,13 +328,22 @@ def check_command_flags(command: str, argv: list[str]) -> None:
                              f"(its flags: {', '.join('--' + f for f in sorted(takes))})")
 
 
+def _checked_config():
+  """``--config``'s ConfigDict; a config file whose ``get_config()`` returns something else is a ConfigError."""
+  config = FLAGS.config
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise errors.ConfigError(f"{FLAGS['config'].config_filename}: get_config() returned a {type(config).__name__}, "
+                             "expected an ml_collections.ConfigDict")
+  return config
+
+
 def main(argv: list[str]) -> None:
   command = argv[1] if len(argv) > 1 else "train"
   if len(argv) > 2 or command not in COMMANDS:
     _flag_error(ValueError(f"unknown command {' '.join(argv[1:])!r}; expected one of {', '.join(COMMANDS)}"))
   try:
     check_command_flags(command, sys.argv)
-    run_command(command, FLAGS.config if command in _WITH_CONFIG else None,
+    run_command(command, _checked_config() if command in _WITH_CONFIG else None,
                 overrides=explicit_overrides(sys.argv))
   except errors.UserError as e:
     if FLAGS.traceback:

@@ -7,7 +7,7 @@
 
 The model, its clip, its evaluation views (clips x crops, short side,
 normalisation) and its class names come from the artifact's model card
-(`artifacts.load`): no other flag is needed. Each video is decoded (PyAV) and
+(`resolve.artifact`): no other flag is needed. Each video is decoded (PyAV) and
 cut into those views as the eval pipeline cuts them; the views of several
 videos go through one jitted forward (`batch.view_probabilities`: the
 softmax averaged over each video's views). A video that cannot be read is
@@ -31,7 +31,7 @@ from absl import logging
 from vfocal_jax import artifacts, errors, paths
 from vfocal_jax import batch as batch_lib
 
-__all__ = ["read_video_list", "read_class_names", "video_views", "make_predict_fn", "predict_videos",
+__all__ = ["read_video_list", "read_videos", "read_class_names", "video_views", "make_predict_fn", "predict_videos",
            "predict_exported_videos", "classify_videos", "write_csv", "run", "top_classes",
            "PredictionFailed"]
 
@@ -48,51 +48,43 @@ class PredictionFailed(errors.UserError, RuntimeError):
 
 # --- Inputs. ----------------------------------------------------------------------------------
 
-_HEADERS = ("path", "video", "filename", "file", "video_path")
-
-
 def read_video_list(videos: Sequence[str] | str) -> list[str]:
-  """Video paths from `--video`: paths, or one `.csv` / `.txt` file of paths (first column).
+  """Video paths from `--video`: paths, or one `.csv` / `.txt` / `.lst` list file of paths.
 
-  A CSV may have a header and more columns (the official `path,label` layout);
-  relative paths are taken relative to the list file. Lists and videos may be
-  local or `gs://`.
+  A list file is read and checked by `sources.read_video_list` (header, more
+  columns, relative paths, `gs://`; a damaged list is a one-line `BadFileError`).
   """
   if isinstance(videos, str):
     videos = [v for v in videos.split(",") if v]
   videos = [v.strip() for v in videos if v.strip()]
-  if not (len(videos) == 1 and videos[0].lower().endswith((".csv", ".txt", ".lst"))):
-    return list(videos)
-  list_file = paths.resolve(videos[0])
-  found = []
-  for i, row in enumerate(csv.reader(io.StringIO(list_file.read_text()))):
-    if not row or not row[0].strip() or row[0].lstrip().startswith("#"):
-      continue
-    path = row[0].strip()
-    if len(row) == 1 and " " in path:  # "path label" lists.
-      path = path.split(" ")[0]
-    if i == 0 and path.lower() in _HEADERS:
-      continue
-    found.append(path if paths.is_url(path) or path.startswith("/") else str(list_file.parent / path))
-  return found
+  if len(videos) == 1 and videos[0].lower().endswith((".csv", ".txt", ".lst")):
+    from vfocal_jax.input_pipeline import sources  # pylint: disable=import-outside-toplevel
+    return sources.read_video_list(videos[0])
+  return list(videos)
+
+
+def read_videos(videos: Sequence[str] | str | None) -> list[str]:
+  """``--video``'s paths (`read_video_list`), or a FlagError when it names none."""
+  if not videos:
+    raise errors.FlagError("predict needs --video=PATH[,PATH...] (or one .csv of paths)")
+  video_paths = read_video_list(videos)
+  if not video_paths:
+    raise errors.FlagError(f"--video={videos}: no video paths")
+  return video_paths
 
 
 def read_class_names(path: str | None, num_classes: int, card_names: Sequence[str] | None = None) -> list[str]:
-  """Class names: `path` (one per line, or the official `id,name` CSV), else the card's, else indices."""
-  names: list[str] | None = list(card_names) if card_names else None
+  """Class names: `path` (checked by `sources.read_class_names`), else the card's, else indices."""
+  names: list[str | None] | None = list(card_names) if card_names else None
   if path:
-    rows = [r for r in csv.reader(io.StringIO(paths.read_text(path))) if r and any(c.strip() for c in r)]
-    if rows and [c.strip().lower() for c in rows[0][:2]] == ["id", "name"]:
-      table = {int(r[0]): ",".join(r[1:]).strip() for r in rows[1:]}
-      names = [table.get(i, str(i)) for i in range(max(table) + 1)] if table else []
-    else:
-      names = [",".join(r).strip() for r in rows]
+    from vfocal_jax.input_pipeline import sources  # pylint: disable=import-outside-toplevel
+    names = sources.read_class_names(path)
     if len(names) != num_classes:
       logging.warning("%d class names in %s for a %d-class model; missing ones shown as indices.",
                       len(names), path, num_classes)
   if names is None:
     return [str(i) for i in range(num_classes)]
-  return [names[i] if i < len(names) else str(i) for i in range(num_classes)]
+  return [names[i] if i < len(names) and names[i] is not None else str(i) for i in range(num_classes)]
 
 
 def video_views(frames: np.ndarray, config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
@@ -242,11 +234,7 @@ def run(loaded: artifacts.Loaded, *, videos: Sequence[str] | str | None = None, 
   Raises:
     PredictionFailed: after printing (and writing) the others, when any video failed.
   """
-  if not videos:
-    raise errors.FlagError("predict needs --video=PATH[,PATH...] (or one .csv of paths)")
-  video_paths = read_video_list(videos)
-  if not video_paths:
-    raise errors.FlagError(f"--video={videos}: no video paths")
+  video_paths = read_videos(videos)
   c = loaded.config
   if loaded.params is None:
     names = read_class_names(labels, loaded.model.num_classes, loaded.model.class_names)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,6 +57,13 @@ def read_export_card(directory: str | os.PathLike) -> dict[str, Any]:
   if not isinstance(export, dict) or export.get("format") != EXPORT_FORMAT:
     raise fc.BadFileError(card_path, f"not a {EXPORT_FORMAT} export card (export.format="
                                      f"{export.get('format') if isinstance(export, dict) else export!r:.60})")
+  for name, digest in fc.mapping(export.get("files"), card_path, "export.files").items():
+    fc.string(digest, card_path, f"export.files.{name}")
+  golden = fc.mapping(export.get("golden"), card_path, "export.golden")
+  tolerances = fc.mapping(golden.get("atol"), card_path, "export.golden.atol")
+  fc.number(tolerances.get("default"), card_path, "export.golden.atol.default", lo=0)
+  for platform, atol in tolerances.items():
+    fc.number(atol, card_path, f"export.golden.atol.{platform}", lo=0)
   fields = fc.mapping(card.get("fields"), card_path, "fields")
   fc.integer(fields.get("num_frames"), card_path, "num_frames", lo=1, hi=4096)
   fc.integer(fields.get("image_size"), card_path, "image_size", lo=32, hi=8192)
@@ -110,8 +118,17 @@ class ExportedModel:
 
   def golden(self) -> tuple[np.ndarray, np.ndarray]:
     """The stored golden clips (uint8) and their expected float32 logits."""
-    data = np.load(io.BytesIO((_path(self.directory) / GOLDEN_FILE).read_bytes()))
-    return data["video"], data["logits"]
+    path = _path(self.directory) / GOLDEN_FILE
+    try:
+      data = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+      video, logits = np.asarray(data["video"]), np.asarray(data["logits"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+      raise errors.BadFileError(path, f"not the golden clips of an export ({type(e).__name__}: {e}); export "
+                                      "again") from None
+    if video.dtype != np.uint8 or video.shape[1:] != self.clip_shape or logits.shape != (len(video), self.num_classes):
+      raise errors.BadFileError(path, f"holds video {video.dtype} {video.shape} and logits {logits.shape}, expected "
+                                      f"uint8 (N, {', '.join(map(str, self.clip_shape))}) and (N, {self.num_classes})")
+    return video, logits
 
   def check_golden(self, atol: float | None = None) -> float:
     """The largest |logit - expected| over the golden clips; a ``ValueError`` above ``atol``.
@@ -144,5 +161,9 @@ def load(directory: str | os.PathLike, *, verify: bool = True) -> ExportedModel:
     if sha256_of(data) != want:
       raise errors.BadFileError(_path(directory) / MODEL_FILE, f"sha256 {sha256_of(data)[:12]}... differs from the "
                                 f"card's {str(want)[:12]}...: the file is damaged or from another export")
-  exported = jax_export.deserialize(bytearray(data))
+  try:
+    exported = jax_export.deserialize(bytearray(data))
+  except Exception as e:  # pylint: disable=broad-except  # flatbuffers/MLIR raise many kinds on damaged bytes.
+    raise errors.BadFileError(_path(directory) / MODEL_FILE, f"cannot be deserialized ({type(e).__name__}: "
+                              f"{str(e)[:200]}); export again (or load with verify=True to check its sha256)") from None
   return ExportedModel(exported, card, os.fspath(directory))
