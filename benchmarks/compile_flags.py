@@ -29,7 +29,7 @@ import json, sys, time
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 import jax
 jax.config.update("jax_enable_compilation_cache", False)
-from multihost_worker import global_batch, tiny_config
+from helpers import global_batch, tiny_config
 from vfocal_jax import sharding, train
 config = tiny_config(mesh_shape=(1, 1) if jax.device_count() == 1 else (jax.device_count() // 2, 2))
 trainer = train.Trainer(config, steps_per_epoch=100)

@@ -194,17 +194,13 @@ def run_weak(config_name: str, topologies: list[str], clips_per_chip: int, overr
              out_dir: str) -> list[dict]:
   """``plan`` of the train step only, for one config at ``clips_per_chip`` on each topology; one JSON each."""
   import importlib
-  from vfocal_jax import plan
+  from vfocal_jax import config_fields, plan
   reports = []
   for topology in topologies:
     config = importlib.import_module(f"configs.{config_name}").get_config()
     for item in overrides:
       key, value = item.split("=", 1)
-      *parents, leaf = key.split(".")
-      node = config
-      for p in parents:
-        node = node[p]
-      node[leaf] = _parse(value, node[leaf])
+      config_fields.set_(config, key, _parse(value, config_fields.get(config, key)))
     devices = plan.target_devices(topology)
     chips, _ = plan.tpu_specs.chip_layout(devices)
     config.batch_size = clips_per_chip * chips // max(int(config.accumulation_steps), 1)

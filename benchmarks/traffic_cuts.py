@@ -80,15 +80,10 @@ def build_config(overrides: dict, depths, clips_per_chip: int, eval_videos_per_c
     config.model.depths = tuple(depths)
   config.batch_size = clips_per_chip * chips
   config.eval_batch_size = eval_videos_per_chip * chips
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    if leaf not in node:  # A field of a newer config (e.g. another checkout's): unlocked copy.
-      node.unlock()
-    node[leaf] = _parse(value, node.get(leaf)) if isinstance(value, str) else value
-  return config
+  from vfocal_jax import config_fields
+  # new_fields: a field of a newer config (another checkout's) is set too.
+  return config_fields.updated(config, {key: _parse(value, config_fields.get(config, key)) if isinstance(value, str)
+                                        else value for key, value in overrides.items()}, new_fields=True)
 
 
 def summary(report: dict) -> dict:
@@ -125,7 +120,7 @@ def run_variant(name: str, args) -> dict:
   config = build_config(overrides, depths, args.clips_per_chip, args.eval_videos_per_chip, chips)
   t0 = time.time()
   report, _ = plan.make_report(config, topology=args.topology, train_only=args.train_only, log=lambda s: None)
-  report = report.to_json() if hasattr(report, "to_json") else dict(report)
+  report = report.to_json()
   report["variant"], report["what"] = name, what
   report["overrides"] = {k: str(v) for k, v in overrides.items()}
   report["depths"] = args.depths

@@ -21,9 +21,6 @@ import json
 
 from helpers import (NUM_CLASSES, StreamIterator, barrier, run_steps, shards_config, tiny_config,
                      use_synthetic_eval)
-# Temporary, for benchmarks/compile_flags.py (which should import these from helpers): the shared set-up is
-# in tests/helpers.py, and the tests import it from there.
-from helpers import global_batch  # noqa: F401  pylint: disable=unused-import
 
 
 def main():

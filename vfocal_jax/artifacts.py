@@ -27,8 +27,8 @@ __all__ = ["Loaded", "ParamsMismatchError", "model_kwargs", "build_model", "mode
            "load_params", "check_params", "init_params", "abstract_params"]
 
 # Model fields that say how a run computes (the config's to choose), not what the model is.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "depthwise_impl", "temporal_layout", "drop_rate", "drop_path_rate",
-                  "dense_init")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "remat_policy", "depthwise_impl", "temporal_layout",
+                  "layer_norm_impl", "focal_projection", "drop_rate", "drop_path_rate", "dense_init")
 
 
 class ParamsMismatchError(errors.MismatchError):

@@ -24,11 +24,13 @@ from jax.sharding import Mesh, NamedSharding
 
 from vfocal_jax import pixels, sharding
 
-__all__ = ["TRAIN_FIELDS", "EVAL_FIELDS", "shardings", "to_device", "view_probabilities"]
+__all__ = ["TRAIN_FIELDS", "EVAL_FIELDS", "FIELD_DTYPES", "shardings", "to_device", "view_probabilities"]
 
 # Field -> number of dimensions.
 TRAIN_FIELDS = {"video": 5, "pixel_affine": 3, "label": 1}
 EVAL_FIELDS = {"video": 6, "pixel_affine": 3, "label": 1, "mask": 1}
+# Field -> dtype: uint8 pixels (normalised on device), pixels.normalize's (B, 5, 3) affine, class ids, padding mask.
+FIELD_DTYPES = {"video": jnp.uint8, "pixel_affine": jnp.float32, "label": jnp.int32, "mask": jnp.bool_}
 
 
 def shardings(mesh: Mesh, fields: Mapping[str, int]) -> dict[str, NamedSharding]:

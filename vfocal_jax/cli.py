@@ -102,7 +102,8 @@ _flag(("predict",), flags.DEFINE_string, "exported", None, "an export directory 
 # export.
 _flag(("export",), flags.DEFINE_bool, "overwrite", False, "replace an existing export in --output_dir.")
 # plan.
-_flag(("plan",), flags.DEFINE_string, "topology", None, "a TPU slice (v5e:2x2, v4:2x2x1, ...) or 'local' (default).")
+_flag(("plan",), flags.DEFINE_string, "topology", None, "a TPU slice (v5e:2x2, v4:2x2x1, ...), NVIDIA GPUs "
+      "(h100:8, a100:8, h200:8: needs the CUDA plugin) or 'local' (default).")
 _flag(("plan",), flags.DEFINE_string, "json", None, "also write the report as JSON here.")
 _flag(("plan",), flags.DEFINE_bool, "search_batch", False, "find the largest per-chip batch that fits.")
 _flag(("plan",), flags.DEFINE_bool, "measure", False, "with --topology=local: also time the compiled steps.")

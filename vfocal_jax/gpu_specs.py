@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from vfocal_jax import errors
+
 GiB = 2 ** 30
 _H100 = "https://resources.nvidia.com/en-us-tensor-core/nvidia-tensor-core-gpu-datasheet"
 _A100 = ("https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/"
@@ -111,7 +113,7 @@ def parse_topology(topology: str) -> tuple[GpuSpec, int, int] | None:
     return None
   hosts, per_host = int(m.group(2) or 1), int(m.group(3))
   if hosts < 1 or per_host < 1:
-    raise ValueError(f"--topology={topology}: needs at least one host and one GPU per host.")
+    raise errors.FlagError(f"--topology={topology}: needs at least one host and one GPU per host.")
   return gpu, hosts, per_host
 
 
@@ -123,10 +125,10 @@ def is_gpu_topology(topology: str | None) -> bool:
 
 
 def devices(topology: str) -> list:
-  """Compile-only CUDA devices for ``topology`` (``'h100:8'``); ValueError (one line) without the CUDA plugin."""
+  """Compile-only CUDA devices for ``topology`` (``'h100:8'``); FlagError (one line) without the CUDA plugin."""
   parsed = parse_topology(topology)
   if parsed is None:
-    raise ValueError(f"--topology={topology}: expected GPU:N or GPU:HOSTSxN with GPU one of "
+    raise errors.FlagError(f"--topology={topology}: expected GPU:N or GPU:HOSTSxN with GPU one of "
                      f"{', '.join(sorted(GPUS))} (e.g. h100:8).")
   gpu, hosts, per_host = parsed
   from jax.experimental import topologies
@@ -135,7 +137,7 @@ def devices(topology: str) -> list:
                                         target_config=target_config(gpu))
   except Exception as e:  # The CUDA plugin missing, ...
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    raise ValueError(f"--topology={topology}: no compile-only {gpu.device_kind} devices could be made ({first}); "
+    raise errors.FlagError(f"--topology={topology}: no compile-only {gpu.device_kind} devices could be made ({first}); "
                      'needs the CUDA plugin (pip install "jax[cuda12]==0.10.2", or the [cuda12] extra) and '
                      "JAX_PLATFORMS=cpu set before JAX starts.") from None
   return list(desc.devices)

@@ -31,8 +31,8 @@ CARD_FILE = "model_card.json"
 FORMAT = "vfocal_jax.model_card/1"
 
 # VideoFocalNet fields that decide the parameters or the function they compute.
-# The rest (dtype, param_dtype, remat, depthwise_impl, drop rates, dense_init)
-# are how a run computes, not what the model is: they come from the config.
+# The rest (artifacts.RUNTIME_FIELDS: dtype, remat, the kernels' layouts, drop
+# rates, ...) are how a run computes, not what the model is: they come from the config.
 ARCHITECTURE_FIELDS = ("embed_dim", "depths", "focal_levels", "focal_windows", "mlp_ratio", "use_layerscale",
                        "layerscale_value", "use_postln", "use_postln_in_modulation", "normalize_modulator",
                        "num_frames", "tubelet_size", "patch_size", "num_classes", "use_conv_embed", "design",

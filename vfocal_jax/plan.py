@@ -31,7 +31,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vfocal_jax import gpu_specs, hlo_traffic, sharding, tpu_specs
+from vfocal_jax import errors, gpu_specs, hlo_traffic, sharding, tpu_specs
 from vfocal_jax.input_budget import format_input, input_budget, shard_bytes_per_clip  # noqa: F401 (re-exported)
 from vfocal_jax.models.layers import resolve_depthwise_impl
 from vfocal_jax.plan_compile import (  # noqa: F401 (re-exported)
@@ -63,7 +63,7 @@ def target_devices(topology: str | None) -> list:
       bounds = tuple(dims + [1] * (3 - len(dims)))
       return list(topologies.get_topology_desc(topology, platform="tpu", chips_per_host_bounds=bounds).devices)
   except Exception as e:  # Unknown name, libtpu missing, ...
-    raise ValueError(f"--topology={topology}: no TPU topology of that name could be built "
+    raise errors.FlagError(f"--topology={topology}: no TPU topology of that name could be built "
                      f"({tpu_specs.summarize_error(e, 200)}); e.g. v5e:2x2, v5e:2x4, v4:2x2x1, v5p:2x2x1, "
                      f"v6e:2x2 (needs libtpu), or GPUs: {', '.join(f'{g}:8' for g in gpu_specs.GPUS)} (needs the "
                      "CUDA plugin).") from None
@@ -185,7 +185,7 @@ def run(config: ml_collections.ConfigDict, *, topology: str | None = None, json_
     log: where the printed report goes.
 
   Returns:
-    The ``Report``. Raises ValueError (one line) for an unknown topology or a
+    The ``Report``. Raises FlagError (one line) for an unknown topology or a
     mesh_shape that does not fit its devices; a step that does not compile
     (out of memory, a batch that does not divide) is reported in its section
     (``error``; ``fits`` False for out of memory).
@@ -220,7 +220,7 @@ def make_report(config: ml_collections.ConfigDict, *, topology: str | None = Non
   ``train_only``: compile the train step only (the report's ``eval`` is None).
   """
   if pipeline_clips_per_core is not None and not pipeline_clips_per_core > 0:
-    raise ValueError(f"--pipeline_clips_per_core={pipeline_clips_per_core}: must be > 0 (training clips/s per host "
+    raise errors.FlagError(f"--pipeline_clips_per_core={pipeline_clips_per_core}: must be > 0 (training clips/s per host "
                      "core, as benchmarks/bench_input_pipeline.py prints it).")
   local = topology in (None, "", LOCAL)
   if not local and not os.environ.get("JAX_PLATFORMS") and not jax.config.jax_platforms:

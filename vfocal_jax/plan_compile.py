@@ -16,33 +16,23 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
-from vfocal_jax import batch, sharding, summary, tpu_specs
+from vfocal_jax import batch, config_fields, sharding, summary, tpu_specs
 from vfocal_jax.models.layers import resolve_depthwise_impl
 from vfocal_jax.plan_report import BatchSearchResult
 
 MAX_BATCH_PER_SHARD = 1 << 14  # Upper end of the batch search (per 'data' shard).
-# The dtype of each batch field (batch.py's contract; its TRAIN_FIELDS / EVAL_FIELDS give the names and ranks).
-FIELD_DTYPES = {"video": jnp.uint8, "pixel_affine": jnp.float32, "label": jnp.int32, "mask": jnp.bool_}
 PIXEL_AFFINE_ROWS = 5  # pixel_affine is (B, 5, 3): pixels.normalize's colour jitter and normalisation.
 
 
 def target_config(config: ml_collections.ConfigDict, platform: str, num_devices: int,
-                  **overrides) -> ml_collections.ConfigDict:
-  """An unlocked copy with backend-dependent choices resolved for the target platform, not the host's."""
-  config = ml_collections.ConfigDict(config.to_dict())
+                  **fields: Any) -> ml_collections.ConfigDict:
+  """A copy with ``fields`` (``{"model.remat": True}``) set and the backend's kernel choice made for the target."""
   model_axis = sharding.resolve_mesh_shape(config.mesh_shape, num_devices)[1]
-  config.model.depthwise_impl = resolve_depthwise_impl(config.model.get("depthwise_impl", "auto"),
-                                                       platform=platform, model_axis=model_axis)
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  depthwise_impl = resolve_depthwise_impl(config.model.get("depthwise_impl", "auto"), platform=platform,
+                                          model_axis=model_axis)
+  return config_fields.updated(config, {"model.depthwise_impl": depthwise_impl, **fields})
 
 
 def build_mesh(config: ml_collections.ConfigDict, devices: list):
@@ -57,7 +47,7 @@ def _batch_specs(mesh, fields: dict[str, int], lead: tuple[int, ...], video: tup
   for name, ndim in fields.items():
     shape = (lead[0],) + (lead[1:] if name == "video" else ()) + trailing[name]
     assert len(shape) == ndim, (name, shape, ndim)
-    out[name] = jax.ShapeDtypeStruct(shape, FIELD_DTYPES[name], sharding=shardings[name])
+    out[name] = jax.ShapeDtypeStruct(shape, batch.FIELD_DTYPES[name], sharding=shardings[name])
   return out
 
 

@@ -44,18 +44,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     bad("num_epochs", "must be > 0 (or set --config.num_train_steps)")
   if str(config.optimizer).lower() not in OPTIMIZERS:
     bad("optimizer", f"expected one of {', '.join(OPTIMIZERS)}")
-  if "model" in config and "remat_policy" in config.model:
-    from vfocal_jax.models.video_focalnet import REMAT_POLICIES  # pylint: disable=import-outside-toplevel
-    if str(config.model.remat_policy) not in REMAT_POLICIES:
-      bad("model.remat_policy", f"expected one of {', '.join(REMAT_POLICIES)}")
-  if "model" in config and "layer_norm_impl" in config.model:
-    from vfocal_jax.models.layers import LAYER_NORM_IMPLS  # pylint: disable=import-outside-toplevel
-    if str(config.model.layer_norm_impl) not in LAYER_NORM_IMPLS:
-      bad("model.layer_norm_impl", f"expected one of {', '.join(LAYER_NORM_IMPLS)}")
-  if "model" in config and "focal_projection" in config.model:
-    from vfocal_jax.models.video_focalnet import FOCAL_PROJECTIONS  # pylint: disable=import-outside-toplevel
-    if str(config.model.focal_projection) not in FOCAL_PROJECTIONS:
-      bad("model.focal_projection", f"expected one of {', '.join(FOCAL_PROJECTIONS)}")
+  from vfocal_jax.models import layers, video_focalnet  # pylint: disable=import-outside-toplevel
+  for field, choices in (("remat_policy", video_focalnet.REMAT_POLICIES), ("layer_norm_impl", layers.LAYER_NORM_IMPLS),
+                         ("focal_projection", video_focalnet.FOCAL_PROJECTIONS)):
+    if "model" in config and field in config.model and str(config.model[field]) not in choices:
+      bad(f"model.{field}", f"expected one of {', '.join(choices)}")
 
   num_devices = jax.device_count() if num_devices is None else num_devices
   num_processes = jax.process_count() if num_processes is None else num_processes

@@ -1,6 +1,7 @@
 r"""A synthetic *motion* video dataset: the class is how a shape moves.
 
-    python -m data.demo_dataset --output_dir demo_data [--train_per_class 100] [--val_per_class 25]
+Built on first use by ``main.py train --config=demo`` (``prepare``; sizes from
+``config.demo_dataset``), or from Python with ``build_demo_dataset(output_dir)``.
 
 Every video shows one random shape (triangle, bar, arrow, L or cross; random
 colour, size, position and orientation) over a random smooth texture, with
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -224,18 +224,16 @@ def prepare(config, workdir: str):
   (for a ``gs://`` workdir: PyAV renders local files) ``~/.cache/vfocal_jax/demo_data``.
   """
   import jax
-  import ml_collections
   from absl import logging
 
-  from vfocal_jax import paths
+  from vfocal_jax import config_fields, paths
   if "demo_dataset" not in config or config.data.train_shards:
     return config
   demo_dir = config.demo_data_dir or (
       os.path.expanduser("~/.cache/vfocal_jax/demo_data") if paths.is_url(workdir)
       else os.path.join(os.path.abspath(workdir), "demo_data"))
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.data.train_shards = os.path.join(demo_dir, "train")
-  config.data.eval_shards = config.data.eval_shards or os.path.join(demo_dir, "val")
+  config = config_fields.updated(config, {"data.train_shards": os.path.join(demo_dir, "train"),
+                                          "data.eval_shards": config.data.eval_shards or os.path.join(demo_dir, "val")})
   settings = config.demo_dataset.to_dict()
   layout = {k: int(settings.get(k, 0)) for k in ("oversample", "frames_per_video")
             if int(settings.get(k, 0)) > (1 if k == "oversample" else 0)}
@@ -256,31 +254,3 @@ def prepare(config, workdir: str):
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("demo_data")
   return config
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-  from absl import app, flags
-  flags.DEFINE_string("output_dir", "demo_data", "Where videos and shards go.")
-  flags.DEFINE_integer("train_per_class", 100, "Training videos per class.")
-  flags.DEFINE_integer("val_per_class", 25, "Validation videos per class.")
-  flags.DEFINE_integer("num_frames", 16, "Frames per video.")
-  flags.DEFINE_integer("height", 64, "Frame height.")
-  flags.DEFINE_integer("width", 80, "Frame width.")
-  flags.DEFINE_integer("seed", 0, "Random seed.")
-  flags.DEFINE_integer("workers", 2, "Shard-writing processes.")
-  flags.DEFINE_integer("oversample", 1, "Film the same motion with this many times the frames.")
-  flags.DEFINE_integer("frames_per_video", 0, "make_shards --frames_per_video (0: every frame).")
-
-  def run(_):
-    f = flags.FLAGS
-    out = build_demo_dataset(f.output_dir, train_per_class=f.train_per_class,
-                             val_per_class=f.val_per_class, num_frames=f.num_frames, height=f.height,
-                             width=f.width, seed=f.seed, workers=f.workers, progress=True,
-                             oversample=f.oversample, frames_per_video=f.frames_per_video)
-    print(f"train: {out['train_dir']}  val: {out['val_dir']}  labels: {out['label_map']}")
-
-  app.run(run, argv=list(argv) if argv else None)
-
-
-if __name__ == "__main__":
-  main()
