@@ -34,6 +34,7 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,7 +75,7 @@ def _parse(value: str, current):
 
 
 def build_config(overrides: dict, depths, clips_per_chip: int, eval_videos_per_chip: int, chips: int):
-  from configs import k400_tiny
+  from vfocal_jax.configs import k400_tiny
   config = k400_tiny.get_config()
   if depths is not None:
     config.model.depths = tuple(depths)

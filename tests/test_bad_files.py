@@ -228,7 +228,8 @@ def test_damaged_labels_txt_is_refused_naming_the_file(tmp_path, data, words):
 ])
 def test_damaged_export_card_is_refused_naming_the_file(tmp_path, card, words):
   from vfocal_jax.export import runtime
-  good = {"export": {"format": runtime.EXPORT_FORMAT}, "class_names": ["a", "b", "c"],
+  good = {"export": {"format": runtime.EXPORT_FORMAT, "files": {runtime.MODEL_FILE: "0" * 64},
+                     "golden": {"atol": {"cpu": 1e-5, "default": 0.05}}}, "class_names": ["a", "b", "c"],
           "fields": {"model.num_classes": 3, "num_frames": 4, "image_size": 32}}
   if card is None:
     good["fields"]["model.num_classes"] = None

@@ -48,7 +48,8 @@ GOOD_JSON = {
     "loop": {"window": {"num_steps": 3, "sums": SUMS}},
     "done": {"oversample": 2, "frames_per_video": 16},
     "legacy_model": {"variant": "custom", "embed_dim": 8, "depths": [1, 1, 1, 1], "num_classes": 5, "num_frames": 4},
-    "export_card": {"export": {"format": "vfocal_jax.export/1"}, "class_names": ["a", "b", "c"],
+    "export_card": {"export": {"format": "vfocal_jax.export/1", "files": {"model.jax": "0" * 64},
+                               "golden": {"atol": {"cpu": 1e-5, "default": 0.05}}}, "class_names": ["a", "b", "c"],
                     "fields": {"model.num_classes": 3, "num_frames": 4, "image_size": 32}},
 }
 GOOD_TEXT = {

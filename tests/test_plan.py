@@ -23,7 +23,7 @@ PER_CORE = 40.0  # --pipeline_clips_per_core
 
 
 def tiny_config(**overrides):
-  from configs import k400_tiny
+  from vfocal_jax.configs import k400_tiny
   config = k400_tiny.get_config()
   config.num_frames = 4
   config.image_size = 32

@@ -23,7 +23,7 @@ ACCUM = 2
 
 
 def tiny_config(num_chips):
-  from configs import k400_tiny
+  from vfocal_jax.configs import k400_tiny
   config = k400_tiny.get_config()
   config.num_frames = 4
   # Two one-block stages, 8 channels (7k parameters: 28 KiB of f32 gradients) and 64x64 frames (one chip's

@@ -243,6 +243,16 @@ def _init_distributed() -> None:
                jax.local_device_count(), jax.device_count(), jax.default_backend())
 
 
+def _compile_only_host() -> None:
+  """Host set-up for compiling for chips this machine does not have (``plan --topology=v5e:2x2``, ``h100:8``)."""
+  import jax
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # No metadata server to ask: this is not a TPU VM.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # Compile-only: no chip to lock; other plans may run.
+  if not os.environ.get("JAX_PLATFORMS") and not jax.config.jax_platforms:
+    # Host-side work only (shapes, meshes): never claim this machine's own accelerator (a TPU VM in use).
+    jax.config.update("jax_platforms", "cpu")
+
+
 def _official_defaults():
   from vfocal_jax.configs import default  # pylint: disable=import-outside-toplevel
   return default.get_config()
@@ -279,6 +289,8 @@ def run_command(command: str, config, *, overrides: frozenset[str]) -> None:
     from vfocal_jax import summary
     summary.print_summary(config.model, num_frames=config.num_frames, image_size=config.image_size)
   elif command == "plan":
+    if FLAGS.topology not in (None, "", "local"):
+      _compile_only_host()
     from vfocal_jax import plan
     plan.run(config, topology=FLAGS.topology, json_path=FLAGS.json, search_batch=FLAGS.search_batch,
              measure=FLAGS.measure, pipeline_clips_per_core=FLAGS.pipeline_clips_per_core)

@@ -22,7 +22,6 @@ file). See docs/plan.md.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from typing import Any, Callable
@@ -50,8 +49,6 @@ def target_devices(topology: str | None) -> list:
     return list(jax.devices())
   if gpu_specs.is_gpu_topology(topology):
     return gpu_specs.devices(topology)
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # No metadata server to ask: this is not a TPU VM.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # Compile-only: no chip to lock; other plans may run.
   from jax.experimental import topologies
   try:
     try:
@@ -223,9 +220,6 @@ def make_report(config: ml_collections.ConfigDict, *, topology: str | None = Non
     raise errors.FlagError(f"--pipeline_clips_per_core={pipeline_clips_per_core}: must be > 0 (training clips/s per host "
                      "core, as benchmarks/bench_input_pipeline.py prints it).")
   local = topology in (None, "", LOCAL)
-  if not local and not os.environ.get("JAX_PLATFORMS") and not jax.config.jax_platforms:
-    # Host-side work only (shapes, meshes): never claim this machine's own accelerator (a TPU VM in use).
-    jax.config.update("jax_platforms", "cpu")
   devices = target_devices(topology)
   platform, kind = devices[0].platform, devices[0].device_kind
   num_chips, per_chip = tpu_specs.chip_layout(devices)

@@ -171,7 +171,9 @@ def read_video_list(path: str) -> list[str]:
       raise file_checks.BadFileError(path, f"line {line} has no video path in column {column + 1} "
                                            f"({','.join(row)[:60]!r})")
     video = _printable(cell, path, line, "video path")
-    if not is_url(video):
+    if is_url(base) and not (is_url(video) or os.path.isabs(video)):
+      video = f"{base.rstrip('/')}/{video}"  # normpath would fold gs:// to gs:/.
+    elif not is_url(video):
       video = os.path.normpath(video if os.path.isabs(video) else os.path.join(base, video))
     if video in seen:
       repeated.append(f"line {line} repeats line {seen[video]}")
