@@ -48,10 +48,9 @@ def _loss_and_grads(model, params, video):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("options", [dict(layer_norm_impl="recompute"),
-                                     dict(layer_norm_impl="recompute", use_postln=True,
+# Each option appears with the design and norms it interacts with (a case compiles five programs: kept few).
+@pytest.mark.parametrize("options", [dict(layer_norm_impl="recompute", use_postln=True,
                                           use_postln_in_modulation=True),
-                                     dict(focal_projection="split"),
                                      dict(focal_projection="split", temporal_layout="frames"),
                                      dict(focal_projection="split", design="joint3d"),
                                      dict(focal_projection="split", layer_norm_impl="recompute", design="sequential"),
@@ -62,7 +61,7 @@ def test_model_options_give_the_same_loss_and_gradients(options):
   base = create_model("custom", **{**ARCH, **arch})
   params = jax.jit(base.init)(jax.random.key(0), video)["params"]
   model = base.clone(**options)
-  assert jax.tree.map(jnp.shape, jax.jit(model.init)(jax.random.key(0), video)["params"]) == jax.tree.map(
+  assert jax.tree.map(jnp.shape, jax.eval_shape(model.init, jax.random.key(0), video)["params"]) == jax.tree.map(
       jnp.shape, params)
   np.testing.assert_array_equal(jax.jit(model.apply)({"params": params}, video),
                                 jax.jit(base.apply)({"params": params}, video))
