@@ -32,7 +32,8 @@ def target_config(config: ml_collections.ConfigDict, platform: str, num_devices:
   model_axis = sharding.resolve_mesh_shape(config.mesh_shape, num_devices)[1]
   depthwise_impl = resolve_depthwise_impl(config.model.get("depthwise_impl", "auto"), platform=platform,
                                           model_axis=model_axis)
-  return config_fields.updated(config, {"model.depthwise_impl": depthwise_impl, **fields})
+  config = config_fields.updated(config, fields)  # Locked as given: a misspelt field is an error.
+  return config_fields.updated(config, {"model.depthwise_impl": depthwise_impl}, new_fields=True)
 
 
 def build_mesh(config: ml_collections.ConfigDict, devices: list):
