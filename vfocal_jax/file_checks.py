@@ -57,7 +57,7 @@ def parse_json(data: bytes | str, path: Any) -> Any:
   try:
     value = json.loads(text, parse_constant=lambda c: _raise_constant(c, path))
   except json.JSONDecodeError as e:
-    raise BadFileError(path, f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+    raise BadFileError(path, f"not valid JSON ({e.msg.removesuffix(' at')} at line {e.lineno} column {e.colno}); "
                              "the file may be truncated or hand-edited") from None
   except RecursionError:
     raise BadFileError(path, f"JSON nested more than {_MAX_DEPTH} levels deep") from None
