@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_vs_pytorch.py [--variant=tiny] [--rounds=7] [--order=pairs|blocks]
         [--blocks=1] [--frames=8] [--size=224] [--batch=1] [--threads=N] [--skip_train]
+        [--model=focal_projection=split_spatial ...]
         [--no-malloc_thp] [--no-malloc_keep] [--no-sync_dispatch]
 
 What is timed (compile and warm-up excluded):
@@ -139,6 +140,9 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
   parser.add_argument("--skip_train", action="store_true")
+  parser.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
+                      help="a VideoFocalNet option for the JAX model (focal_projection=split_spatial, "
+                      "layer_norm_impl=recompute, remat=True, ...); repeatable")
   parser.add_argument("--order", choices=("pairs", "blocks"), default="pairs",
                       help="pairs: JAX call, PyTorch call, ... (per-pair ratios); blocks: all rounds of one, then the other")
   parser.add_argument("--blocks", type=int, default=1, help="--order=blocks: repeats of (JAX block, PyTorch block)")
@@ -175,8 +179,9 @@ def main() -> None:
   load_before = os.getloadavg()
   sampler = RssSampler()
   num_classes = 400
+  options = {k: {"True": True, "False": False}.get(v, v) for k, v in (o.split("=", 1) for o in args.model)}
   model = create_model(args.variant, num_classes=num_classes, num_frames=args.frames,
-                       drop_path_rate=0.0, drop_rate=0.0)
+                       drop_path_rate=0.0, drop_rate=0.0, **options)
   dims = {"tiny": (96, (2, 2, 6, 2)), "small": (96, (2, 2, 18, 2)), "base": (128, (2, 2, 18, 2))}
   embed_dim, depths = dims[args.variant]
   torch.manual_seed(0)
