@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from vfocal_jax import errors, model_card, paths
+from vfocal_jax import errors, model_card, paths, workdir_config
 from vfocal_jax.file_checks import BadFileError
 from vfocal_jax.input_pipeline import sources
 
@@ -335,21 +335,19 @@ def _run_config():
     (lambda c: c["data"].update({"a.b": 1}), "has the field 'data.a.b', which is not a config field name"),
 ])
 def test_a_damaged_workdir_config_is_refused_naming_the_field(tmp_path, change, words):
-  from vfocal_jax import checkpoints
   config = _run_config()
   change(config)
   (tmp_path / "config.json").write_text(json.dumps(config))
   with pytest.raises(BadFileError) as e:
-    checkpoints.read_config(tmp_path)
+    workdir_config.read_config(tmp_path)
   assert str(e.value).startswith(f"{tmp_path / 'config.json'}: ") and words in str(e.value), str(e.value)
 
 
 def test_an_older_workdir_config_takes_the_defaults_it_lacks_with_a_warning(tmp_path, caplog):
-  from vfocal_jax import checkpoints
   config = _run_config()
   del config["data"]["eval_clip_offsets"]
   (tmp_path / "config.json").write_text(json.dumps(config))
-  assert checkpoints.read_config(tmp_path).data.eval_clip_offsets == "uniform"
+  assert workdir_config.read_config(tmp_path).data.eval_clip_offsets == "uniform"
   assert "data has no eval_clip_offsets" in caplog.text and "assumed the defaults: eval_clip_offsets='uniform'" \
       in caplog.text
 

@@ -221,7 +221,7 @@ _WORKER = textwrap.dedent(r'''
     sys.path.insert(0, sys.argv[3])
     from absl import logging
     from etils import epath
-    from vfocal_jax import checkpoints, errors, model_card
+    from vfocal_jax import checkpoints, errors, model_card, workdir_config
     from vfocal_jax.data import demo_dataset
     from vfocal_jax.export import runtime
     from vfocal_jax.input_pipeline import sources
@@ -247,8 +247,8 @@ _WORKER = textwrap.dedent(r'''
       if kind in ("dataset_info", "labels_txt"): return sources.load_shard_set(d)
       if kind == "video_list": return sources.read_video_list(path)
       if kind == "class_names": return sources.read_class_names(path)
-      if kind == "config_json": return checkpoints.read_config(d).to_dict()
-      if kind == "legacy_model": return checkpoints.read_legacy_model_fields(d)
+      if kind == "config_json": return workdir_config.read_config(d).to_dict()
+      if kind == "legacy_model": return workdir_config.read_legacy_model_fields(d)
       if kind == "position": return checkpoints.restore_data(epath.Path(d), Iterator(), 0, 1)
       if kind == "loop": return checkpoints.read_loop_state(Manager(os.path.dirname(os.path.dirname(d))), 1)
       if kind == "done": return demo_dataset.read_done_marker(path)

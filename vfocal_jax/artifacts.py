@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from vfocal_jax import config_fields, errors, model_card, paths
+from vfocal_jax import config_fields, errors, model_card, paths, workdir_config
 from vfocal_jax.model_card import ModelCard
 
 __all__ = ["Loaded", "ParamsMismatchError", "model_kwargs", "build_model", "model_from_fields", "artifact_kind", "read_card",
@@ -113,8 +113,7 @@ def artifact_kind(path: paths.PathLike) -> str | None:
 
 def _legacy_card(root: Any, config: ml_collections.ConfigDict) -> ModelCard:
   """A card for artifacts written before cards: the architecture they recorded, the rest from ``config``."""
-  from vfocal_jax import checkpoints  # pylint: disable=import-outside-toplevel
-  fields = checkpoints.read_legacy_model_fields(root)
+  fields = workdir_config.read_legacy_model_fields(root)
   logging.warning("%s has no %s (written by an older version): clip and preprocessing come from the config.",
                   root, model_card.CARD_FILE)
   config = config_fields.updated(config, {"model": ml_collections.ConfigDict(fields)}, new_fields=True)

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import ml_collections
 from absl import logging
 
-from vfocal_jax import artifacts, config_fields, errors, model_card
+from vfocal_jax import artifacts, config_fields, errors, model_card, workdir_config
 
 __all__ = ["UserConfig", "artifact", "evaluation", "exported"]
 
@@ -87,8 +87,7 @@ def evaluation(user: UserConfig, *, checkpoint: str | None = None, workdir: str 
   loaded = artifact(user, checkpoint=checkpoint, workdir=None if checkpoint else workdir)
   config = loaded.config
   if not checkpoint and not config.data.eval_shards and not config.data.tfds_name:
-    from vfocal_jax import checkpoints  # pylint: disable=import-outside-toplevel
-    data = checkpoints.read_config(workdir).data
+    data = workdir_config.read_config(workdir).data
     config = config_fields.updated(config, {"data": data})
     loaded = dataclasses.replace(loaded, config=config)
   return loaded

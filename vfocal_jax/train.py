@@ -32,7 +32,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vfocal_jax import artifacts, checkpoints, evaluate, finetune, loop_actions, mixup, model_card, optim, paths, pixels
-from vfocal_jax import errors, sharding, train_config
+from vfocal_jax import errors, sharding, train_config, workdir_config
 from vfocal_jax import batch as batch_lib
 from vfocal_jax.data import demo_dataset
 from vfocal_jax.loop_actions import CURVES_PNG, NonFiniteLossError  # noqa: F401  (part of this module's API)
@@ -307,7 +307,7 @@ def _train_and_evaluate(config, workdir, checkpoint, *, train_iter, steps_per_ep
   if steps_per_epoch is None:
     steps_per_epoch = steps_per_epoch_for(config)
   trainer = Trainer(config, steps_per_epoch)
-  checkpoints.write_config(workdir, config)
+  workdir_config.write_config(workdir, config)
   if jax.process_index() == 0:
     model_card.write_card(workdir, model_card.card_from_config(
         config, trainer.model, class_names=class_names,
