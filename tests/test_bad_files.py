@@ -17,7 +17,7 @@ import pytest
 
 from vfocal_jax import errors, model_card, paths, workdir_config
 from vfocal_jax.file_checks import BadFileError
-from vfocal_jax.input_pipeline import sources
+from vfocal_jax.input_pipeline import sources, user_lists
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -280,19 +280,19 @@ def test_a_damaged_video_list_is_refused_naming_the_file_and_line(tmp_path, data
   path = tmp_path / "videos.csv"
   path.write_bytes(data)
   with pytest.raises(BadFileError) as e:
-    sources.read_video_list(str(path))
+    user_lists.read_video_list(str(path))
   assert str(e.value).startswith(f"{path}: ") and words in str(e.value), str(e.value)
 
 
 def test_a_video_list_reads_paths_relative_to_itself_and_warns_of_repeats(tmp_path, caplog):
   path = tmp_path / "videos.csv"
   path.write_bytes(b"\xef\xbb\xbflabel,path\n0,clips/a.mp4\n1,./clips/a.mp4\n2,/data/b.mp4\n3,gs://b/c.mp4\n")
-  assert sources.read_video_list(str(path)) == [str(tmp_path / "clips" / "a.mp4"), "/data/b.mp4", "gs://b/c.mp4"]
+  assert user_lists.read_video_list(str(path)) == [str(tmp_path / "clips" / "a.mp4"), "/data/b.mp4", "gs://b/c.mp4"]
   assert "line 3 repeats line 2" in caplog.text and "predicted once" in caplog.text
   path.write_bytes(b"my video.mp4\nclip 7.mp4 3\nb.mp4 running\n")  # "path label" rows, and spaces in names.
-  assert sources.read_video_list(str(path)) == [str(tmp_path / n) for n in ("my video.mp4", "clip 7.mp4", "b.mp4")]
+  assert user_lists.read_video_list(str(path)) == [str(tmp_path / n) for n in ("my video.mp4", "clip 7.mp4", "b.mp4")]
   with pytest.raises(errors.MissingFileError, match=f"^{tmp_path / 'nope.csv'}: no such file$"):
-    sources.read_video_list(str(tmp_path / "nope.csv"))
+    user_lists.read_video_list(str(tmp_path / "nope.csv"))
 
 
 @pytest.mark.parametrize("data,words", [
@@ -306,14 +306,14 @@ def test_a_damaged_labels_file_is_refused_naming_the_file(tmp_path, data, words)
   path = tmp_path / "labels.csv"
   path.write_bytes(data)
   with pytest.raises(BadFileError) as e:
-    sources.read_class_names(str(path))
+    user_lists.read_class_names(str(path))
   assert str(e.value).startswith(f"{path}: ") and words in str(e.value), str(e.value)
 
 
 def test_a_labels_table_with_gaps_warns_and_keeps_the_indices(tmp_path, caplog):
   path = tmp_path / "labels.csv"
   path.write_bytes(b'id,name\n0,run\n2,"jump, high"\n')
-  assert sources.read_class_names(str(path)) == ["run", None, "jump, high"]
+  assert user_lists.read_class_names(str(path)) == ["run", None, "jump, high"]
   assert "no name for class id(s) 1" in caplog.text
 
 

@@ -224,7 +224,7 @@ _WORKER = textwrap.dedent(r'''
     from vfocal_jax import checkpoints, errors, model_card, workdir_config
     from vfocal_jax.data import demo_dataset
     from vfocal_jax.export import runtime
-    from vfocal_jax.input_pipeline import sources
+    from vfocal_jax.input_pipeline import sources, user_lists
 
     warnings = []
     class Capture(pylog.Handler):
@@ -245,8 +245,8 @@ _WORKER = textwrap.dedent(r'''
       d = os.path.dirname(path)
       if kind == "card": return model_card.read_card(d)
       if kind in ("dataset_info", "labels_txt"): return sources.load_shard_set(d)
-      if kind == "video_list": return sources.read_video_list(path)
-      if kind == "class_names": return sources.read_class_names(path)
+      if kind == "video_list": return user_lists.read_video_list(path)
+      if kind == "class_names": return user_lists.read_class_names(path)
       if kind == "config_json": return workdir_config.read_config(d).to_dict()
       if kind == "legacy_model": return workdir_config.read_legacy_model_fields(d)
       if kind == "position": return checkpoints.restore_data(epath.Path(d), Iterator(), 0, 1)

@@ -8,6 +8,8 @@ which raise ``errors.BadFileError`` (a user error: one line, exit status 2) that
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -16,7 +18,7 @@ from typing import Any
 from vfocal_jax.errors import BadFileError
 
 __all__ = ["BadFileError", "MAX_TEXT_BYTES", "parse_json", "decode_text", "mapping", "integer", "number",
-           "boolean", "choice", "string", "sequence", "numbers", "integers", "strings"]
+           "boolean", "choice", "string", "sequence", "numbers", "integers", "strings", "csv_rows", "printable"]
 
 MAX_TEXT_BYTES = 64 << 20  # A JSON or text file we read whole (cards, dataset_info, labels): 64 MiB at most.
 _MAX_DEPTH = 64
@@ -170,3 +172,26 @@ def _bounds(lo: float | None, hi: float | None) -> str:
   if lo is not None and hi is not None:
     return f"a value from {lo} to {hi}"
   return f"a value >= {lo}" if lo is not None else f"a value <= {hi}"
+
+
+def csv_rows(text: str, path: Any) -> list[tuple[int, list[str]]]:
+  """``(line number, cells)`` of the rows that are not blank or ``#`` comments; a CSV error names the line."""
+  rows = []
+  reader = csv.reader(io.StringIO(text))
+  try:
+    for row in reader:
+      if any(c.strip() for c in row) and not row[0].lstrip().startswith("#"):
+        rows.append((reader.line_num, [c.strip() for c in row]))
+  except csv.Error as e:
+    raise BadFileError(path, f"line {max(reader.line_num, 1)} is not CSV ({e})") from None
+  return rows
+
+
+def printable(cell: str, path: Any, line: int, what: str) -> str:
+  """``cell`` of line ``line``, if it holds no control characters and at most 4,096 characters."""
+  bad = next((c for c in cell if ord(c) < 32 and c != "\t" or ord(c) == 127), None)
+  if bad is not None:
+    raise BadFileError(path, f"line {line}: the {what} holds the control character {bad!r}; is this a text file?")
+  if len(cell) > 4096:
+    raise BadFileError(path, f"line {line}: the {what} is {len(cell):,} characters long; is this a list of videos?")
+  return cell

@@ -51,15 +51,15 @@ class PredictionFailed(errors.UserError, RuntimeError):
 def read_video_list(videos: Sequence[str] | str) -> list[str]:
   """Video paths from `--video`: paths, or one `.csv` / `.txt` / `.lst` list file of paths.
 
-  A list file is read and checked by `sources.read_video_list` (header, more
+  A list file is read and checked by `user_lists.read_video_list` (header, more
   columns, relative paths, `gs://`; a damaged list is a one-line `BadFileError`).
   """
   if isinstance(videos, str):
     videos = [v for v in videos.split(",") if v]
   videos = [v.strip() for v in videos if v.strip()]
   if len(videos) == 1 and videos[0].lower().endswith((".csv", ".txt", ".lst")):
-    from vfocal_jax.input_pipeline import sources  # pylint: disable=import-outside-toplevel
-    return sources.read_video_list(videos[0])
+    from vfocal_jax.input_pipeline import user_lists  # pylint: disable=import-outside-toplevel
+    return user_lists.read_video_list(videos[0])
   return list(videos)
 
 
@@ -74,11 +74,11 @@ def read_videos(videos: Sequence[str] | str | None) -> list[str]:
 
 
 def read_class_names(path: str | None, num_classes: int, card_names: Sequence[str] | None = None) -> list[str]:
-  """Class names: `path` (checked by `sources.read_class_names`), else the card's, else indices."""
+  """Class names: `path` (checked by `user_lists.read_class_names`), else the card's, else indices."""
   names: list[str | None] | None = list(card_names) if card_names else None
   if path:
-    from vfocal_jax.input_pipeline import sources  # pylint: disable=import-outside-toplevel
-    names = sources.read_class_names(path)
+    from vfocal_jax.input_pipeline import user_lists  # pylint: disable=import-outside-toplevel
+    names = user_lists.read_class_names(path)
     if len(names) != num_classes:
       logging.warning("%d class names in %s for a %d-class model; missing ones shown as indices.",
                       len(names), path, num_classes)
