@@ -34,11 +34,6 @@ class UserConfig:
   given: bool = False
   overrides: frozenset[str] = frozenset()
 
-  @classmethod
-  def of(cls, config: ml_collections.ConfigDict | None, *, given: bool = True,
-         overrides: Iterable[str] = ()) -> UserConfig:
-    return cls(config, given, frozenset(overrides))
-
 
 def _with_card(user: UserConfig, card: model_card.ModelCard, source: str,
                fields: Iterable[str] | None = None) -> ml_collections.ConfigDict:
