@@ -23,8 +23,8 @@ from flax import traverse_util
 from vfocal_jax import config_fields, errors, model_card, paths, workdir_config
 from vfocal_jax.model_card import ModelCard
 
-__all__ = ["Loaded", "ParamsMismatchError", "model_kwargs", "build_model", "model_from_fields", "artifact_kind", "read_card",
-           "load_params", "check_params", "init_params", "abstract_params"]
+__all__ = ["Loaded", "ParamsMismatchError", "model_kwargs", "build_model", "model_from_fields", "artifact_kind",
+           "read_card", "load_params", "check_params", "init_params", "abstract_params"]
 
 # Model fields that say how a run computes (the config's to choose), not what the model is.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "remat_policy", "depthwise_impl", "temporal_layout",

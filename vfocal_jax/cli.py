@@ -55,13 +55,13 @@ from vfocal_jax import errors  # noqa: E402
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 DEMO_CONFIG = os.path.join(CONFIG_DIR, "demo.py")
 COMMANDS = ("train", "eval", "convert", "summary", "predict", "visualize", "plan", "export", "make_shards")
-EXIT_USER_ERROR = 2  # errors.EXIT_USER_ERROR, without importing the library before the flags are parsed.
+EXIT_USER_ERROR = errors.EXIT_USER_ERROR
 
 FLAGS = flags.FLAGS
 
 # Which command takes which flag: filled by ``_flag`` as each flag is declared.
 COMMAND_FLAGS: dict[str, set[str]] = {command: set() for command in COMMANDS}
-_WITH_CONFIG = ("train", "eval", "convert", "summary", "predict", "visualize", "plan", "export")
+_WITH_CONFIG = tuple(c for c in COMMANDS if c != "make_shards")  # --config and --config.FIELD=VALUE.
 _DISTRIBUTED = ("train", "eval", "predict", "visualize")
 
 
@@ -258,11 +258,6 @@ def _official_defaults():
   return default.get_config()
 
 
-def _user_config(config, overrides: frozenset[str]):
-  from vfocal_jax import resolve  # pylint: disable=import-outside-toplevel
-  return resolve.UserConfig(config, given=FLAGS["config"].present > 0, overrides=overrides)
-
-
 def _required(name: str, why: str) -> str:
   value = getattr(FLAGS, name)
   if not value:
@@ -273,7 +268,7 @@ def _required(name: str, why: str) -> str:
 def run_command(command: str, config, *, overrides: frozenset[str]) -> None:
   """Runs one command: resolves what the flags name (config, artifact) once, then calls the library with values."""
   from vfocal_jax import resolve  # pylint: disable=import-outside-toplevel
-  user = _user_config(config, overrides)
+  user = resolve.UserConfig(config, given=FLAGS["config"].present > 0, overrides=overrides)
   if command == "make_shards":
     from vfocal_jax.data import make_shards
     make_shards.make_shards(_required("csv", "the `path,label` list of videos"),
@@ -296,8 +291,8 @@ def run_command(command: str, config, *, overrides: frozenset[str]) -> None:
              measure=FLAGS.measure, pipeline_clips_per_core=FLAGS.pipeline_clips_per_core)
   elif command == "convert":
     from vfocal_jax.convert import cli
-    cli.run(config=config if user.given else _official_defaults(), check_model=user.given, pth=FLAGS.pth, output_dir=FLAGS.output_dir,
-            variant=FLAGS.variant, to_torch=FLAGS.to_torch, checkpoint=FLAGS.checkpoint, workdir=FLAGS.workdir,
+    cli.run(config=config if user.given else _official_defaults(), check_model=user.given, pth=FLAGS.pth,
+            output_dir=FLAGS.output_dir, variant=FLAGS.variant, to_torch=FLAGS.to_torch, checkpoint=FLAGS.checkpoint, workdir=FLAGS.workdir,
             allow_partial=FLAGS.allow_partial, imagenet=FLAGS.imagenet, labels=FLAGS.labels)
   elif command == "export":
     from vfocal_jax.export import writer

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["EXIT_USER_ERROR", "UserError", "FlagError", "ConfigError", "BadFileError", "MissingFileError", "OutputExistsError",
-           "MismatchError"]
+__all__ = ["EXIT_USER_ERROR", "UserError", "FlagError", "ConfigError", "BadFileError", "MissingFileError",
+           "OutputExistsError", "MismatchError"]
 
 EXIT_USER_ERROR = 2
 

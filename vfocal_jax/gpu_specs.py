@@ -129,7 +129,7 @@ def devices(topology: str) -> list:
   parsed = parse_topology(topology)
   if parsed is None:
     raise errors.FlagError(f"--topology={topology}: expected GPU:N or GPU:HOSTSxN with GPU one of "
-                     f"{', '.join(sorted(GPUS))} (e.g. h100:8).")
+                           f"{', '.join(sorted(GPUS))} (e.g. h100:8).")
   gpu, hosts, per_host = parsed
   from jax.experimental import topologies
   try:
@@ -137,7 +137,7 @@ def devices(topology: str) -> list:
                                         target_config=target_config(gpu))
   except Exception as e:  # The CUDA plugin missing, ...
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    raise errors.FlagError(f"--topology={topology}: no compile-only {gpu.device_kind} devices could be made ({first}); "
-                     'needs the CUDA plugin (pip install "jax[cuda12]==0.10.2", or the [cuda12] extra) and '
-                     "JAX_PLATFORMS=cpu set before JAX starts.") from None
+    raise errors.FlagError(f"--topology={topology}: no compile-only {gpu.device_kind} devices could be made "
+                           f"({first}); needs the CUDA plugin (pip install \"jax[cuda12]==0.10.2\", or the [cuda12] "
+                           "extra) and JAX_PLATFORMS=cpu set before JAX starts.") from None
   return list(desc.devices)

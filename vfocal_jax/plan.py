@@ -61,9 +61,9 @@ def target_devices(topology: str | None) -> list:
       return list(topologies.get_topology_desc(topology, platform="tpu", chips_per_host_bounds=bounds).devices)
   except Exception as e:  # Unknown name, libtpu missing, ...
     raise errors.FlagError(f"--topology={topology}: no TPU topology of that name could be built "
-                     f"({tpu_specs.summarize_error(e, 200)}); e.g. v5e:2x2, v5e:2x4, v4:2x2x1, v5p:2x2x1, "
-                     f"v6e:2x2 (needs libtpu), or GPUs: {', '.join(f'{g}:8' for g in gpu_specs.GPUS)} (needs the "
-                     "CUDA plugin).") from None
+                           f"({tpu_specs.summarize_error(e, 200)}); e.g. v5e:2x2, v5e:2x4, v4:2x2x1, v5p:2x2x1, "
+                           f"v6e:2x2 (needs libtpu), or GPUs: {', '.join(f'{g}:8' for g in gpu_specs.GPUS)} (needs "
+                           "the CUDA plugin).") from None
 
 
 # --- Reading a compiled step. ---------------------------------------------------------------
@@ -217,8 +217,8 @@ def make_report(config: ml_collections.ConfigDict, *, topology: str | None = Non
   ``train_only``: compile the train step only (the report's ``eval`` is None).
   """
   if pipeline_clips_per_core is not None and not pipeline_clips_per_core > 0:
-    raise errors.FlagError(f"--pipeline_clips_per_core={pipeline_clips_per_core}: must be > 0 (training clips/s per host "
-                     "core, as benchmarks/bench_input_pipeline.py prints it).")
+    raise errors.FlagError(f"--pipeline_clips_per_core={pipeline_clips_per_core}: must be > 0 (training clips/s "
+                           "per host core, as benchmarks/bench_input_pipeline.py prints it).")
   local = topology in (None, "", LOCAL)
   devices = target_devices(topology)
   platform, kind = devices[0].platform, devices[0].device_kind
